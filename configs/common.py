@@ -1,0 +1,143 @@
+"""Shared MedPLIB definitions for every stage config: model sizes, mesh, sharding rules, data.
+
+Each stage file (`stage1_align.py` ... `stage4_moe.py`) calls `base_config(stage, size)` and then
+sets only what differs for its stage (trainable set, LoRA, losses, optimiser). Sizes:
+
+* ``7b``   exactly the published MedPLIB-7B (SPEC.md): CLIP ViT-L/14-336, LLaMA-7B, SAM-Med2D ViT-B.
+* ``tiny`` the same structure at toy widths, for CPU tests and ``make demo``.
+"""
+
+import ml_collections
+
+SIZES = ("tiny", "7b")
+
+# Added to the LLaMA vocabulary, in this order (SPEC.md: tokens and sequence layout).
+ADDED_TOKENS = (
+    ["<SEG>", "<ref>", "</ref>", "<region>", "</region>", "<sr>", "</sr>", "<mask>", "</mask>"]
+    + [f"<gen_{i}>" for i in range(1, 257)]
+    + ["<im_start>", "<im_end>"]
+)
+LLAMA_BASE_VOCAB = 32000
+
+# Logical axis name -> mesh axes. Parameters use the plain names; activations the `act_` ones and
+# `batch` / `length`. Changing the parallelism is changing this table (or overriding it).
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    ("act_exp", "expert"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+)
+
+
+def parse_size(arg):
+  size = (arg or "tiny").strip()
+  if size not in SIZES:
+    raise ValueError(f"unknown model size {size!r}; choose one of {SIZES} (e.g. configs/stage2_vqa.py:7b)")
+  return size
+
+
+def vision_config(size):
+  """CLIP vision tower (frozen in every stage)."""
+  if size == "7b":
+    return ml_collections.ConfigDict(dict(
+        image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+        layer_norm_eps=1e-5, select_layer=-2))
+  return ml_collections.ConfigDict(dict(
+      image_size=112, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=256,
+      layer_norm_eps=1e-5, select_layer=-2))
+
+
+def llm_config(size):
+  """LLaMA decoder. vocab_size already includes the added MedPLIB tokens."""
+  if size == "7b":
+    return ml_collections.ConfigDict(dict(
+        vocab_size=LLAMA_BASE_VOCAB + len(ADDED_TOKENS), width=4096, depth=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, mlp_dim=11008, norm_eps=1e-5, rope_theta=10000.0,
+        max_length=2048, scan_layers=True, remat_policy="nothing_saveable"))
+  # The tiny vocabulary is the synthetic tokenizer's (base 1000 + added tokens).
+  return ml_collections.ConfigDict(dict(
+      vocab_size=1000 + len(ADDED_TOKENS), width=128, depth=2, num_heads=4, num_kv_heads=4,
+      head_dim=32, mlp_dim=344, norm_eps=1e-5, rope_theta=10000.0, max_length=512,
+      scan_layers=True, remat_policy="none"))
+
+
+def moe_config(num_experts=1):
+  """Mixture-of-Experts FFN (DeepSpeed TopKGate semantics). num_experts=1 means a dense FFN."""
+  return ml_collections.ConfigDict(dict(
+      num_experts=num_experts, top_k=1, dispatch="capacity",  # or "dropless"
+      capacity_factor_train=1.5, capacity_factor_eval=2.0, min_capacity=4,
+      random_token_selection=True, aux_loss_coef=0.0, expert_axis="expert"))
+
+
+def sam_config(size):
+  """SAM-Med2D: image encoder with adapters, prompt encoder, mask decoder."""
+  if size == "7b":
+    return ml_collections.ConfigDict(dict(
+        image_size=256, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+        window_size=14, global_attn_indexes=(2, 5, 8, 11), use_rel_pos=True, adapter=True,
+        adapter_dim=192, out_chans=256, prompt_embed_dim=256, decoder_depth=2,
+        decoder_mlp_dim=2048, decoder_num_heads=8, num_multimask_outputs=3, iou_head_depth=3,
+        iou_head_hidden_dim=256))
+  return ml_collections.ConfigDict(dict(
+      image_size=128, patch_size=16, width=64, depth=2, num_heads=2, mlp_dim=256,
+      window_size=4, global_attn_indexes=(1,), use_rel_pos=True, adapter=True, adapter_dim=16,
+      out_chans=32, prompt_embed_dim=32, decoder_depth=2, decoder_mlp_dim=128,
+      decoder_num_heads=2, num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32))
+
+
+def model_config(size, num_experts=1):
+  """The whole MedPLIB model for one size."""
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      vision=vision_config(size),
+      projector=ml_collections.ConfigDict(dict(type="mlp2x_gelu")),
+      region=ml_collections.ConfigDict(dict(max_points=512, max_regions=1)),
+      llm=llm_config(size),
+      moe=moe_config(num_experts),
+      sam=sam_config(size),
+      grounding=ml_collections.ConfigDict(dict(max_masks=1)),
+      dtype="bfloat16" if size == "7b" else "float32",
+      param_dtype="float32",
+  ))
+
+
+def lora_config(rank=0, alpha=16.0, dropout=0.05, targets=()):
+  """LoRA adapters; rank 0 means no LoRA in this stage."""
+  return ml_collections.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets)))
+
+
+def base_config(stage, size):
+  """Fields common to every stage; the stage file fills in the rest."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.model = model_config(size, num_experts=2 if stage == 4 else 1)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.logical_axis_rules = LOGICAL_AXIS_RULES
+  c.lora = lora_config()
+  c.trainable = ()  # parameter-path regexes; everything else is frozen
+  c.loss = ml_collections.ConfigDict(dict(ce=1.0, dice=0.0, bce=0.0, focal=0.0, iou=0.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_ratio=0.03, schedule="linear",
+      grad_clip=1.0, epochs=1, global_batch_size=8 if size == "tiny" else 128,
+      grad_accum_steps=1))
+  c.data = ml_collections.ConfigDict(dict(
+      train=(), eval=(), image_root="", max_length=c.model.llm.max_length, seed=0,
+      num_workers=0, bad_record_budget=100, template="llava_v1"))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="skip",
+      init_from=""))
+  c.init = ml_collections.ConfigDict(dict(clip="", llm="", sam="", previous_stage="",
+                                          vqa_expert="", ground_expert=""))
+  return c

@@ -1,0 +1,1 @@
+"""Weight import/export: PyTorch / Hugging Face checkpoints <-> our parameter pytrees."""

@@ -1,0 +1,122 @@
+"""Device mesh, logical-axis sharding rules, and host<->global array helpers.
+
+The mesh has four named axes, always in this order: ``data`` (pure data parallelism), ``fsdp``
+(data parallelism with parameters sharded), ``expert`` (MoE experts), ``tensor`` (within-layer
+model parallelism). Modules annotate parameters and activations with *logical* names (``embed``,
+``mlp``, ``heads``, ``batch`` ...); the rules table in the config maps those to mesh axes.
+"""
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class MeshError(ValueError):
+  """A mesh shape that cannot be built on the visible devices."""
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves the sizes of (data, fsdp, expert, tensor); one axis may be -1 ("the rest")."""
+  sizes = []
+  for axis in MESH_AXES:
+    size = int(mesh_cfg.get(axis, 1))
+    if size == 0 or size < -1:
+      raise MeshError(f"mesh axis {axis!r} has size {size}; use a positive size or -1 for the rest")
+    sizes.append(size)
+  unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(unknown) > 1:
+    raise MeshError(f"only one mesh axis may be -1, got {unknown}")
+  known = math.prod(s for s in sizes if s != -1)
+  if unknown:
+    if num_devices % known:
+      raise MeshError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes use {known} devices, which does not "
+          f"divide the {num_devices} visible devices")
+    sizes[MESH_AXES.index(unknown[0])] = num_devices // known
+  elif known != num_devices:
+    raise MeshError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {known} devices but {num_devices} are visible; "
+        "set one axis to -1 to take the rest")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, expert, tensor) mesh with Auto axes over all (or the given) devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules_tuple(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """Normalises a rules table from a ConfigDict (lists after overrides) to tuples."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
+
+
+def logical_to_shardings(abstract_tree, mesh: Mesh, rules):
+  """NamedShardings for a pytree whose leaves may carry linen `LogicallyPartitioned` boxes.
+
+  Leaves without annotations are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rank: int, rules=None) -> NamedSharding:
+  """Sharding of a [B, ...] batch array: the leading axis over the `batch` rule's mesh axes."""
+  axes = dict(rules_tuple(rules)).get("batch", ("data", "fsdp")) if rules else ("data", "fsdp")
+  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (rank - 1))))
+
+
+def host_to_global(batch, mesh: Mesh, rules=None):
+  """Turns this process's slice of a batch (numpy pytree) into global jax.Arrays.
+
+  Each process passes its own `[B_local, ...]` arrays; the global batch is their concatenation
+  over processes, sharded on the leading axis.
+  """
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
+  return jax.tree.map(one, batch)
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when the job is multi-process; returns whether it did.
+
+  Multi-process is detected from explicit arguments, from MEDPLIB_COORDINATOR /
+  MEDPLIB_NUM_PROCESSES / MEDPLIB_PROCESS_ID, from SLURM (SLURM_NTASKS > 1) or from a TPU pod
+  (TPU_WORKER_HOSTNAMES with several hosts), where JAX finds the rest by itself.
+  """
+  env = os.environ
+  coordinator = coordinator or env.get("MEDPLIB_COORDINATOR")
+  if num_processes is None and env.get("MEDPLIB_NUM_PROCESSES"):
+    num_processes = int(env["MEDPLIB_NUM_PROCESSES"])
+  if process_id is None and env.get("MEDPLIB_PROCESS_ID"):
+    process_id = int(env["MEDPLIB_PROCESS_ID"])
+  if coordinator and num_processes and num_processes > 1:
+    # Only affects the CPU backend (and must be set before any backend starts).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  if int(env.get("SLURM_NTASKS", "1")) > 1 or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    jax.distributed.initialize()
+    return True
+  return False
