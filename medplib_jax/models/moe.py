@@ -1,0 +1,421 @@
+"""Mixture-of-Experts feed-forward (stage 4) with DeepSpeed `TopKGate` routing.
+
+Every token is routed by `router` (DeepSpeed's `wg`, no bias) to its top-k experts, each expert
+being a LLaMA SwiGLU FFN `down(silu(x @ gate) * (x @ up))` with weights stacked on a leading expert
+axis. Two dispatch modes:
+
+* ``capacity`` (the reference semantics): each expert takes at most
+  `expert_capacity(tokens, experts, k, factor, min_capacity)` tokens, counted over the whole
+  flattened batch (padding included); the rest are dropped (FFN output 0, the residual carries
+  them). Which routed tokens are kept is decided by DeepSpeed's random token selection (random
+  priority from the 'router' RNG stream, training only) or by position order.
+* ``dropless``: assignments sorted by expert and run through one grouped matmul
+  (`jax.lax.ragged_dot`); nothing is dropped, so top-1 inference costs one dense FFN.
+
+With a current mesh whose ``expert`` axis has size > 1 the experts run expert-parallel inside
+`jax.shard_map` (capacity mode: DeepSpeed's all-to-all exchange; dropless mode: each device runs
+its own experts on the tokens it holds, then a sum over the expert axis). Routing decisions are
+always taken over the global batch, so every mesh layout gives the same numbers.
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+from jax.sharding import PartitionSpec as P
+
+DISPATCH_MODES = ("capacity", "dropless")
+LORA_TARGETS = ("gate", "up", "down")
+_PROJ_OF_TARGET = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# Axes over which the expert-parallel path splits tokens; `tensor` also splits them, so no device
+# repeats another's expert work.
+_TOKEN_AXES = ("data", "fsdp", "expert", "tensor")
+
+# nn.Linear's default (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_expert_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2,
+                                                out_axis=-1, batch_axis=(0,))
+
+
+class MoeConfigError(ValueError):
+  """An MoE configuration or upcycling input that cannot work."""
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+  """Tokens one expert may take: ceil(tokens / experts * factor * k), at least min_capacity.
+
+  Computed in float32 as DeepSpeed's `_capacity` does (top-2 gating doubles the factor).
+  """
+  capacity = int(np.ceil(np.float32(num_tokens / num_experts) * np.float32(capacity_factor * top_k)))
+  return max(capacity, int(min_capacity))
+
+
+class Routing(NamedTuple):
+  """Routing decisions for T tokens, k choices each (float arrays are float32)."""
+  expert_index: jax.Array      # [T, k] int32, choice 0 is the most probable expert
+  rank: jax.Array              # [T, k] int32, priority of the assignment among its expert's
+  kept: jax.Array              # [T, k] bool, False where the expert was over capacity
+  combine_weight: jax.Array    # [T, k] gate probability applied to the expert output (0 if dropped)
+  order: jax.Array             # [k*T] choice-major assignment ids sorted by (expert, rank)
+  tokens_per_expert: jax.Array  # [E] int32 routed assignments before dropping
+  aux_loss: jax.Array          # [] GShard/Switch load-balancing loss
+  dropped_fraction: jax.Array  # [] dropped assignments / all assignments
+
+
+def route(logits: jax.Array, *, top_k: int, capacity: int | None,
+          priority_noise: jax.Array | None = None) -> Routing:
+  """DeepSpeed TopKGate on router logits [T, E] (float32).
+
+  gates = softmax(logits); the k most probable experts per token; aux loss =
+  E * sum_e mean_t(gates[:, e]) * fraction of first choices on e (before dropping).
+  Within an expert all first choices outrank all second choices (DeepSpeed's top-2 buffer
+  layout); inside a choice, tokens rank by descending `priority_noise` [T, k] (random token
+  selection) or, without noise, by position. An assignment is kept when its rank < capacity
+  (`capacity=None`: keep all). Top-1 combines with the raw gate probability, top-2 with the kept
+  probabilities renormalised to sum 1 (both as DeepSpeed).
+  """
+  num_tokens, num_experts = logits.shape
+  gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  top_gates, expert_index = jax.lax.top_k(gates, top_k)
+  first_choice = jax.nn.one_hot(expert_index[:, 0], num_experts, dtype=jnp.float32)
+  aux_loss = num_experts * jnp.sum(gates.mean(axis=0) * first_choice.mean(axis=0))
+
+  # Assignments in choice-major order: id a = choice * T + token.
+  assign_expert = expert_index.T.reshape(-1)
+  assign_choice = jnp.repeat(jnp.arange(top_k, dtype=jnp.int32), num_tokens)
+  if priority_noise is None:
+    within_choice = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
+  else:
+    within_choice = -priority_noise.T.reshape(-1)
+  order = jnp.lexsort((within_choice, assign_choice, assign_expert))
+  tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[assign_expert].add(1)
+  group_start = jnp.cumsum(tokens_per_expert) - tokens_per_expert
+  rank_sorted = jnp.arange(top_k * num_tokens, dtype=jnp.int32) - group_start[assign_expert[order]]
+  rank = jnp.zeros((top_k * num_tokens,), jnp.int32).at[order].set(rank_sorted)
+  rank = rank.reshape(top_k, num_tokens).T
+
+  kept = jnp.ones_like(rank, bool) if capacity is None else rank < capacity
+  combine_weight = jnp.where(kept, top_gates, 0.0)
+  if top_k > 1:
+    denom = jnp.maximum(combine_weight.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+    combine_weight = combine_weight / denom
+  dropped_fraction = 1.0 - kept.mean(dtype=jnp.float32)
+  return Routing(expert_index.astype(jnp.int32), rank, kept, combine_weight, order,
+                 tokens_per_expert, aux_loss, dropped_fraction)
+
+
+def _dropout(h, rate, key):
+  if key is None or rate == 0.0:
+    return h
+  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
+
+
+def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key, dtype):
+  """The experts' SwiGLU FFN on dispatched tokens; `matmul(h, w)` applies the expert weights.
+
+  `params` holds this device's experts (`gate_proj` [E, D, F] ... and LoRA siblings); LoRA adds
+  lora_scale * ((dropout(h) @ A) @ B) to each targeted projection.
+  """
+  def project(name, inp, index):
+    out = matmul(inp, params[name].astype(dtype))
+    if name + "_lora_a" in params:
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      low = matmul(_dropout(inp, lora_dropout, key), params[name + "_lora_a"].astype(dtype))
+      out = out + lora_scale * matmul(low, params[name + "_lora_b"].astype(dtype))
+    return out
+
+  hidden = nn.silu(project("gate_proj", h, 0)) * project("up_proj", h, 1)
+  return project("down_proj", hidden, 2)
+
+
+def _buffer_matmul(h, w):
+  return jnp.einsum("ecd,edf->ecf", h, w)
+
+
+def _dispatch_combine(x, expert_index, slot, kept, weight, num_experts, capacity, expert_fn):
+  """Capacity dispatch: tokens [T, D] -> expert buffers [E, C, D] -> expert_fn -> [T, D].
+
+  slot [T, k] is each assignment's row in its expert's buffer (< C where kept); the output is
+  the combine-weighted sum of the assignments' expert outputs.
+  """
+  flat = jnp.where(kept, expert_index * capacity + slot, num_experts * capacity)  # dump row last
+  tokens = jnp.broadcast_to(x[:, None, :], flat.shape + x.shape[-1:])
+  buffer = jnp.zeros((num_experts * capacity + 1, x.shape[-1]), x.dtype)
+  buffer = buffer.at[flat.reshape(-1)].set(tokens.reshape(-1, x.shape[-1]))
+  out = expert_fn(buffer[:-1].reshape(num_experts, capacity, -1)).reshape(num_experts * capacity, -1)
+  gathered = out[jnp.minimum(flat, num_experts * capacity - 1)]  # [T, k, D]
+  return jnp.einsum("tk,tkd->td", weight.astype(out.dtype), gathered)
+
+
+def _mesh_axis_sizes():
+  mesh = jax.sharding.get_abstract_mesh()
+  return {} if mesh.empty else dict(mesh.shape)
+
+
+class MoeFeedForward(nn.Module):
+  """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats).
+
+  stats: {"aux_loss": [] (load-balancing loss, unscaled; the trainer multiplies it by
+  `moe.aux_loss_coef`), "tokens_per_expert": [E] (routed before dropping),
+  "dropped_fraction": []}.
+  Params: router/kernel [D, E]; gate_proj, up_proj [E, D, F]; down_proj [E, F, D]; with LoRA on a
+  target, `<proj>_lora_a` [E, in, r] and `<proj>_lora_b` [E, r, out] (zeros).
+  RNG streams when not deterministic: 'router' (random token selection), 'dropout' (LoRA).
+  """
+  width: int
+  mlp_dim: int
+  num_experts: int = 2
+  top_k: int = 1
+  dispatch: str = "capacity"
+  capacity_factor_train: float = 1.5
+  capacity_factor_eval: float = 2.0
+  min_capacity: int = 4
+  random_token_selection: bool = True
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple = ()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  expert_axis: str = "expert"
+
+  def _check(self):
+    if self.dispatch not in DISPATCH_MODES:
+      raise MoeConfigError(f"moe.dispatch={self.dispatch!r}; choose one of {DISPATCH_MODES}")
+    if self.top_k not in (1, 2) or self.top_k > self.num_experts:
+      raise MoeConfigError(f"moe.top_k={self.top_k} with {self.num_experts} experts; "
+                           "top_k must be 1 or 2 and at most num_experts")
+    unknown = set(self.lora_targets) - set(LORA_TARGETS) - {"q", "k", "v", "o"}
+    if unknown:
+      raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; expert targets are {LORA_TARGETS}")
+
+  def _expert_params(self):
+    e, d, f, r = self.num_experts, self.width, self.mlp_dim, self.lora_rank
+    shapes = {"gate_proj": ((e, d, f), ("exp", "embed", "mlp")),
+              "up_proj": ((e, d, f), ("exp", "embed", "mlp")),
+              "down_proj": ((e, f, d), ("exp", "mlp", "embed"))}
+    params = {}
+    for name, (shape, names) in shapes.items():
+      params[name] = self.param(name, nn.with_logical_partitioning(_expert_init, names), shape,
+                                self.param_dtype)
+    for target in self.lora_targets if r > 0 else ():
+      if target not in _PROJ_OF_TARGET:
+        continue  # attention targets belong to the attention block
+      name = _PROJ_OF_TARGET[target]
+      (_, d_in, d_out), (exp, in_name, out_name) = shapes[name]
+      params[name + "_lora_a"] = self.param(
+          name + "_lora_a", nn.with_logical_partitioning(_expert_init, (exp, in_name, None)),
+          (e, d_in, r), self.param_dtype)
+      params[name + "_lora_b"] = self.param(
+          name + "_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (exp, None, out_name)),
+          (e, r, d_out), self.param_dtype)
+    return params
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    self._check()
+    batch, length, width = x.shape
+    num_tokens = batch * length
+    tokens = x.reshape(num_tokens, width)
+    logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+                      kernel_init=nn.with_logical_partitioning(_torch_linear_init, ("embed", None)),
+                      name="router")(tokens.astype(jnp.float32))
+    params = self._expert_params()
+
+    if self.dispatch == "capacity":
+      factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
+      capacity = expert_capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
+      noise = None
+      if self.random_token_selection and not deterministic:
+        noise = jax.random.uniform(self.make_rng("router"), (num_tokens, self.top_k))
+      routing = route(logits, top_k=self.top_k, capacity=capacity, priority_noise=noise)
+    else:
+      capacity = None
+      routing = route(logits, top_k=self.top_k, capacity=None)
+
+    dropout_key = None
+    if not deterministic and self.lora_dropout > 0.0 and self.lora_rank > 0:
+      dropout_key = self.make_rng("dropout")
+    ffn = dict(lora_scale=self.lora_alpha / max(self.lora_rank, 1), lora_dropout=self.lora_dropout,
+               dtype=self.dtype)
+    tokens = tokens.astype(self.dtype)
+    expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)
+    if self.dispatch == "capacity":
+      if expert_parallel > 1:
+        y = self._capacity_expert_parallel(tokens, routing, params, capacity, dropout_key, ffn)
+      else:
+        y = self._capacity_local(tokens, routing, params, capacity, dropout_key, ffn)
+    elif expert_parallel > 1:
+      y = self._dropless_expert_parallel(tokens, routing, params, dropout_key, ffn)
+    else:
+      y = self._dropless_local(tokens, routing, params, dropout_key, ffn)
+
+    y = nn.with_logical_constraint(y.reshape(batch, length, width).astype(self.dtype),
+                                   ("batch", "length", "act_embed"))
+    stats = {"aux_loss": routing.aux_loss, "tokens_per_expert": routing.tokens_per_expert,
+             "dropped_fraction": routing.dropped_fraction}
+    return y, stats
+
+  # -- capacity mode ---------------------------------------------------------------------------
+
+  def _capacity_local(self, tokens, routing, params, capacity, dropout_key, ffn):
+    buffer_rows = min(capacity, tokens.shape[0])  # an expert never receives more than T tokens
+
+    def run(h):
+      h = nn.with_logical_constraint(h, ("act_exp", None, "act_embed"))
+      return _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
+
+    return _dispatch_combine(tokens, routing.expert_index, routing.rank, routing.kept,
+                             routing.combine_weight, self.num_experts, buffer_rows, run)
+
+  def _capacity_expert_parallel(self, tokens, routing, params, capacity, dropout_key, ffn):
+    """DeepSpeed's exchange: each device fills [E, C_local, D] buffers with its kept tokens,
+    all-to-all over the expert axis gives each device its experts' tokens from every peer, the
+    experts run, and a second all-to-all returns the outputs. Keep/drop was decided globally."""
+    sizes = _mesh_axis_sizes()
+    ep = sizes[self.expert_axis]
+    if self.num_experts % ep:
+      raise MoeConfigError(f"{self.num_experts} experts cannot be split over a mesh axis "
+                           f"{self.expert_axis!r} of size {ep}")
+    token_axes = tuple(a for a in _TOKEN_AXES if sizes.get(a, 1) > 1) or (self.expert_axis,)
+    if self.expert_axis not in token_axes:
+      token_axes = token_axes + (self.expert_axis,)
+    shards = int(np.prod([sizes[a] for a in token_axes]))
+    tokens, expert_index, kept, weight = _pad_tokens(
+        shards, tokens, routing.expert_index, routing.kept, routing.combine_weight)
+    local_tokens = tokens.shape[0] // shards
+    buffer_rows = min(capacity, local_tokens)
+    num_experts, axis = self.num_experts, self.expert_axis
+
+    def per_device(x, e_idx, keep, w, p, key):
+      # Row of each kept assignment in the local buffer: order among this device's kept ones.
+      onehot = jax.nn.one_hot(e_idx.T.reshape(-1), num_experts, dtype=jnp.int32)
+      onehot = onehot * keep.T.reshape(-1, 1)
+      slot = (jnp.cumsum(onehot, axis=0) - 1) * onehot
+      slot = slot.sum(-1).reshape(e_idx.shape[1], -1).T
+      if key is not None:
+        key = jax.random.fold_in(key, _linear_axis_index(token_axes))
+
+      def run(h):
+        h = jax.lax.all_to_all(h, axis, 0, 1, tiled=True)
+        h = _swiglu_experts(p, h, _buffer_matmul, dropout_key=key, **ffn)
+        return jax.lax.all_to_all(h, axis, 1, 0, tiled=True)
+
+      return _dispatch_combine(x, e_idx, slot, keep, w, num_experts, buffer_rows, run)
+
+    param_specs = {name: P(axis) for name in params}
+    y = jax.shard_map(
+        per_device,
+        in_specs=(P(token_axes), P(token_axes), P(token_axes), P(token_axes), param_specs, P()),
+        out_specs=P(token_axes))(tokens, expert_index, kept, weight, params, dropout_key)
+    return y[:routing.kept.shape[0]]
+
+  # -- dropless mode ---------------------------------------------------------------------------
+
+  def _dropless_local(self, tokens, routing, params, dropout_key, ffn):
+    top_k, num_tokens = self.top_k, tokens.shape[0]
+    sorted_tokens = tokens[routing.order % num_tokens]
+    out = _swiglu_experts(
+        params, sorted_tokens,
+        lambda h, w: jax.lax.ragged_dot(h, w, routing.tokens_per_expert),
+        dropout_key=dropout_key, **ffn)
+    per_assignment = jnp.zeros_like(out).at[routing.order].set(out)
+    per_assignment = per_assignment.reshape(top_k, num_tokens, -1)
+    return jnp.einsum("tk,ktd->td", routing.combine_weight.astype(out.dtype), per_assignment)
+
+  def _dropless_expert_parallel(self, tokens, routing, params, dropout_key, ffn):
+    """Tokens are replicated over the expert axis (the `batch` rule does not use it), so each
+    device runs its own experts on every token of its shard routed there; a sum over the expert
+    axis assembles the output. Ragged groups need no fixed-size exchange this way."""
+    sizes = _mesh_axis_sizes()
+    axis = self.expert_axis
+    ep = sizes[axis]
+    if self.num_experts % ep:
+      raise MoeConfigError(f"{self.num_experts} experts cannot be split over a mesh axis "
+                           f"{axis!r} of size {ep}")
+    token_axes = tuple(a for a in _TOKEN_AXES if a != axis and sizes.get(a, 1) > 1)
+    shards = int(np.prod([sizes[a] for a in token_axes]))
+    tokens, expert_index, _, weight = _pad_tokens(
+        shards, tokens, routing.expert_index, routing.kept, routing.combine_weight)
+    local_experts, top_k = self.num_experts // ep, self.top_k
+
+    def per_device(x, e_idx, w, p, key):
+      num_local = x.shape[0]
+      first = jax.lax.axis_index(axis) * local_experts
+      local_e = e_idx.T.reshape(-1) - first
+      mine = (local_e >= 0) & (local_e < local_experts)
+      order = jnp.argsort(jnp.where(mine, local_e, local_experts), stable=True)
+      group_sizes = jnp.zeros((local_experts,), jnp.int32).at[jnp.where(mine, local_e, 0)].add(
+          mine.astype(jnp.int32))
+      if key is not None:
+        key = jax.random.fold_in(key, _linear_axis_index(token_axes + (axis,)))
+      out = _swiglu_experts(p, x[order % num_local],
+                            lambda h, wt: jax.lax.ragged_dot(h, wt, group_sizes),
+                            dropout_key=key, **ffn)  # rows of other experts come out as 0
+      out = jnp.zeros_like(out).at[order].set(out).reshape(top_k, num_local, -1)
+      y = jnp.einsum("tk,ktd->td", w.astype(out.dtype), out)
+      return jax.lax.psum(y, axis)
+
+    spec = P(token_axes) if token_axes else P()
+    param_specs = {name: P(axis) for name in params}
+    y = jax.shard_map(per_device, in_specs=(spec, spec, spec, param_specs, P()),
+                      out_specs=spec)(tokens, expert_index, weight, params, dropout_key)
+    return y[:routing.kept.shape[0]]
+
+
+def _pad_tokens(shards, tokens, expert_index, kept, weight):
+  """Pads the token axis to a multiple of `shards` with dropped, zero-weight tokens."""
+  pad = -tokens.shape[0] % shards
+  if not pad:
+    return tokens, expert_index, kept, weight
+  widths = lambda a: [(0, pad)] + [(0, 0)] * (a.ndim - 1)  # noqa: E731
+  return (jnp.pad(tokens, widths(tokens)), jnp.pad(expert_index, widths(expert_index)),
+          jnp.pad(kept, widths(kept)), jnp.pad(weight, widths(weight)))
+
+
+def _linear_axis_index(axes):
+  index = 0
+  for a in axes:
+    index = index * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+  return index
+
+
+def upcycle_ffns(dense_ffns: list[dict], router_kernel=None) -> dict:
+  """MoeFeedForward params from K dense FFNs: expert i <- dense_ffns[i].
+
+  Each dense FFN is {'gate_proj': {'kernel': [D, F]}, 'up_proj': {'kernel': [D, F]},
+  'down_proj': {'kernel': [F, D]}}, optionally with a leading scanned-layer axis ([Lyr, D, F]);
+  merge LoRA into them first. Returns {'router': {'kernel': [D, K]}, 'gate_proj': [K, D, F], ...}
+  with the expert axis after the layer axis ([Lyr, K, D, F] when scanned). The router is zeros
+  (uniform routing) unless `router_kernel` is given. Stage 4: dense_ffns = [stage-3 FFN,
+  stage-2 FFN].
+  """
+  if not dense_ffns:
+    raise MoeConfigError("upcycle_ffns needs at least one dense FFN")
+  out = {}
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    kernels = []
+    for i, ffn in enumerate(dense_ffns):
+      try:
+        kernel = meta.unbox(ffn[name]["kernel"])
+      except (KeyError, TypeError) as err:
+        raise MoeConfigError(f"dense FFN {i} has no {name}/kernel (keys: {sorted(ffn)})") from err
+      if kernel.shape != meta.unbox(dense_ffns[0][name]["kernel"]).shape:
+        raise MoeConfigError(f"dense FFN {i} {name}/kernel has shape {kernel.shape}, FFN 0 has "
+                             f"{meta.unbox(dense_ffns[0][name]['kernel']).shape}")
+      kernels.append(kernel)
+    out[name] = jnp.stack(kernels, axis=-3)
+  width = out["gate_proj"].shape[-2]
+  expected = out["gate_proj"].shape[:-3] + (width, len(dense_ffns))
+  if router_kernel is None:
+    router_kernel = jnp.zeros(expected, out["gate_proj"].dtype)
+  router_kernel = meta.unbox(router_kernel)
+  if router_kernel.shape != expected:
+    raise MoeConfigError(f"router kernel has shape {router_kernel.shape}, expected {expected}")
+  out["router"] = {"kernel": router_kernel}
+  return out
