@@ -133,7 +133,7 @@ def base_config(stage, size):
       grad_clip=1.0, epochs=1, global_batch_size=8 if size == "tiny" else 128,
       grad_accum_steps=1))
   c.data = ml_collections.ConfigDict(dict(
-      train=(), eval=(), image_root="", max_length=c.model.llm.max_length, seed=0,
+      train=(), eval=(), image_root="", tokenizer="", max_length=c.model.llm.max_length, seed=0,
       num_workers=0, bad_record_budget=100, template="llava_v1"))
   c.train = ml_collections.ConfigDict(dict(
       steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="skip",

@@ -13,7 +13,7 @@ def get_config(arg=None):
                               targets=("q", "k", "v", "o", "gate", "up", "down"))
   # The reference leaves the region adapter frozen here; set train_region_adapter to train it.
   c.train_region_adapter = False
-  c.trainable = (r"^llm/lm_head", r"^llm/embed_tokens", r"norm", r"^projector/")
+  c.trainable = (r"^llm/lm_head", r"^llm/embed_tokens", r"^llm/.*norm", r"^projector/")
   c.loss.update(ce=1.0)
   c.optim.update(lr=1e-4, epochs=3)
   return c

@@ -1,0 +1,89 @@
+"""Orbax checkpoints for training (state + grain iterator) and stage exports (merged params).
+
+Layout of a workdir:
+  checkpoints/<step>/{state,data}   resumable training state (async save, keep last K)
+  export/params                     the stage's final parameters, LoRA merged (next stage's input)
+  export/config.json                the resolved config that produced them
+"""
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorrupt(RuntimeError):
+  """A checkpoint that exists but cannot be restored; the message names its directory."""
+
+
+def manager(workdir: str, keep: int, save_every: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                         enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, force: bool = False) -> bool:
+  args = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator, fallback: bool = True):
+  """Restores the newest complete checkpoint into `abstract_state`'s shardings.
+
+  Orbax only lists checkpoints whose write finished, so an interrupted save is never "latest".
+  A checkpoint that fails to restore raises CheckpointCorrupt, or (fallback=True) is skipped in
+  favour of the previous one. Returns (step, state) or (None, None) when there is none.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      where = os.path.join(str(mngr.directory), str(step))
+      if fallback and i + 1 < len(steps):
+        log.warning("checkpoint %s is unreadable (%s); falling back to step %d", where, e, steps[i + 1])
+        continue
+      raise CheckpointCorrupt(f"checkpoint {where} cannot be restored: {e}") from e
+    return step, restored["state"]
+  return None, None
+
+
+def export_params(workdir: str, params, config) -> str:
+  """Writes the stage's final params (already LoRA-merged) and its config to workdir/export."""
+  path = os.path.abspath(os.path.join(workdir, "export"))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, "params"), params, force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  return path
+
+
+def load_export(path: str, abstract_params=None):
+  """Reads `<path>/params` written by export_params (optionally into given shardings)."""
+  target = os.path.join(os.path.abspath(path), "params")
+  if not os.path.isdir(target):
+    raise FileNotFoundError(f"{path}: no exported params (expected {target}; run the stage first)")
+  ckptr = ocp.StandardCheckpointer()
+  if abstract_params is None:
+    return ckptr.restore(target)
+  return ckptr.restore(target, abstract_params)
+
+
+def load_export_config(path: str) -> dict:
+  with open(os.path.join(path, "config.json")) as f:
+    return json.load(f)

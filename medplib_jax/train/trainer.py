@@ -1,0 +1,274 @@
+"""One MedPLIB training stage over a device mesh: init (from the previous stage), the jitted step,
+orbax checkpoints with the grain iterator state, metrics, and the end-of-stage export.
+
+Read top to bottom: Mesh -> Model -> Init -> Optimizer -> Update step -> Loop.
+"""
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from medplib_jax import sharding
+from medplib_jax.data.batch import batch_spec
+from medplib_jax.models import lora as lora_lib
+from medplib_jax.models.medplib import MedPLIB
+from medplib_jax.models.moe import upcycle_ffns
+from medplib_jax.train import checkpointing, losses
+
+log = logging.getLogger(__name__)
+
+RNG_STREAMS = ("dropout", "router", "region")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `trainable` and `frozen` partition the params (None holes)."""
+  step: jax.Array
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), so it checkpoints like any array
+
+  def params(self):
+    return combine(self.trainable, self.frozen)
+
+
+# --- param tree helpers ------------------------------------------------------------------------
+
+def partition(params, mask):
+  """Splits params into (trainable, frozen) trees with None where the other one holds a leaf."""
+  trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+  frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+  return trainable, frozen
+
+
+def combine(trainable, frozen):
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
+def flat(tree):
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def count_params(tree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def component_counts(params) -> dict[str, int]:
+  """Parameter counts per top-level component (vision, projector, llm, sam, ...)."""
+  return {name: count_params(sub) for name, sub in params.items()}
+
+
+# --- Model -------------------------------------------------------------------------------------
+
+def build_model(cfg) -> MedPLIB:
+  return MedPLIB(cfg.model, cfg.lora if cfg.lora.rank else None)
+
+
+def dummy_batch(cfg, batch_size: int = 1) -> dict[str, np.ndarray]:
+  spec = batch_spec(cfg.model, cfg.data.max_length)
+  return {k: np.zeros((batch_size,) + s, d) for k, (s, d) in spec.items()}
+
+
+def abstract_variables(cfg, model=None):
+  """Shapes (with logical annotations) of every variable, nothing allocated."""
+  model = model or build_model(cfg)
+  rngs = {"params": jax.random.key(0), **{s: jax.random.key(0) for s in RNG_STREAMS}}
+  return jax.eval_shape(lambda: model.init(rngs, dummy_batch(cfg), deterministic=True))
+
+
+# --- Init --------------------------------------------------------------------------------------
+
+def previous_stage_params(cfg) -> dict[str, Any]:
+  """Flat {path: array} of what this stage inherits (empty when starting from scratch).
+
+  Stage 2 and 3 take the previous stage's export; stage 4 takes stage 3 (grounding expert) for
+  everything and builds each MoE FFN from [stage-3 FFN, stage-2 FFN] (SPEC.md: expert 0 =
+  grounding, expert 1 = VQA).
+  """
+  if cfg.stage == 4 and cfg.init.ground_expert and cfg.init.vqa_expert:
+    ground = checkpointing.load_export(cfg.init.ground_expert)
+    vqa = checkpointing.load_export(cfg.init.vqa_expert)
+    inherited = flat(ground)
+    inherited = {k: v for k, v in inherited.items() if not k.startswith("llm/layers/mlp/")}
+    moe = upcycle_ffns([ground["llm"]["layers"]["mlp"], vqa["llm"]["layers"]["mlp"]])
+    inherited.update({f"llm/layers/mlp/{k}": v for k, v in flat(moe).items()})
+    return inherited
+  if cfg.init.previous_stage:
+    return flat(checkpointing.load_export(cfg.init.previous_stage))
+  return {}
+
+
+def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
+  """Sharded params: inherited leaves are placed as they are, only new leaves are initialised.
+
+  The init runs under jit with the final out_shardings; XLA drops the init of every leaf that
+  is overwritten, so nothing is first materialised on one device.
+  """
+  rules = cfg.logical_axis_rules
+  abstract = abstract_variables(cfg, model)["params"]
+  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  abstract_flat = flat(nn.unbox(abstract))
+  for path, value in inherited.items():
+    if path in abstract_flat and tuple(abstract_flat[path].shape) != tuple(np.shape(value)):
+      raise ValueError(f"inherited param {path} has shape {tuple(np.shape(value))}, this stage's "
+                       f"model expects {tuple(abstract_flat[path].shape)}")
+  inherited = {k: v for k, v in inherited.items() if k in abstract_flat}
+  unused = sorted(set(abstract_flat) - set(inherited))
+  log.info("init: %d params inherited, %d initialised fresh", len(inherited), len(unused))
+  shardings_flat = flat(shardings)
+  placed = {k: jax.device_put(np.asarray(v), shardings_flat[k]) for k, v in inherited.items()}
+
+  def init_fn(key, placed):
+    rngs = {"params": key, **{s: key for s in RNG_STREAMS}}
+    fresh = flat(nn.unbox(model.init(rngs, dummy_batch(cfg), deterministic=True)["params"]))
+    fresh.update({k: v.astype(fresh[k].dtype) for k, v in placed.items()})
+    return traverse_util.unflatten_dict(fresh, sep="/")
+
+  return jax.jit(init_fn, out_shardings=shardings)(key, placed)
+
+
+# --- Optimizer ---------------------------------------------------------------------------------
+
+def learning_rate_schedule(optim, total_steps: int):
+  warmup = max(1, int(round(total_steps * optim.warmup_ratio)))
+  decay = max(1, total_steps - warmup)
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, warmup + decay, 0.0)
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup),
+                               optax.linear_schedule(optim.lr, 0.0, decay)], [warmup])
+
+
+def make_optimizer(optim, total_steps: int):
+  schedule = learning_rate_schedule(optim, total_steps)
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                   optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+  return tx, schedule
+
+
+def stage_trainable_mask(cfg, params):
+  regexes = list(cfg.trainable)
+  if cfg.get("train_region_adapter", False):
+    regexes.append(r"^region_adapter/")
+  return lora_lib.trainable_mask(params, regexes, train_lora=True)
+
+
+# --- Update step -------------------------------------------------------------------------------
+
+def make_train_step(cfg, model, tx, schedule):
+  """(state, batch) -> (state, metrics); batch arrays are global [B, ...]."""
+  accum = int(cfg.optim.grad_accum_steps)
+  weights = cfg.loss
+  aux_coef = float(cfg.model.moe.aux_loss_coef)
+
+  def loss_fn(trainable, frozen, micro_batch, key):
+    rngs = dict(zip(RNG_STREAMS, jax.random.split(key, len(RNG_STREAMS))))
+    outputs = model.apply({"params": combine(trainable, frozen)}, micro_batch,
+                          deterministic=False, rngs=rngs)
+    loss, metrics = losses.total_loss(outputs, micro_batch, weights, aux_coef)
+    for name, value in outputs["moe_stats"].items():
+      metrics[f"moe_{name}"] = value
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(state.trainable, state.frozen, batch, key)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, inputs):
+        i, mb = inputs
+        (_, m), g = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, g), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+      grads, metrics = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      metrics = jax.tree.map(jnp.mean, metrics)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+    # A non-finite loss or gradient skips the update (counted in metrics); params stay clean.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
+                          opt_state=keep(new_opt, state.opt_state))
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step - 1), skipped=1 - finite.astype(jnp.int32))
+    return state, metrics
+
+  return step_fn
+
+
+# --- Loop --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StageResult:
+  steps: int
+  final_metrics: dict
+  export_dir: str
+  history: list
+
+
+def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
+                mesh=None, log_fn=None, export: bool = True) -> StageResult:
+  """Runs (or resumes) one stage for `total_steps` steps over host-local batches from
+  `data_iterator` (a grain iterator: its state is checkpointed with the model)."""
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_tuple(cfg.logical_axis_rules)
+  model = build_model(cfg)
+  keys = set(batch_spec(cfg.model, cfg.data.max_length))
+  history = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = init_params(cfg, model, mesh, previous_stage_params(cfg), jax.random.key(cfg.seed))
+    mask = stage_trainable_mask(cfg, params)
+    trainable, frozen = partition(params, mask)
+    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                       opt_state=jax.jit(tx.init)(trainable),
+                       rng=jax.random.key_data(jax.random.key(cfg.seed + 1)))
+    mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
+    start, restored = checkpointing.restore_latest(mngr, state, data_iterator)
+    if restored is not None:
+      state = restored
+      log.info("resumed from step %d in %s", start, workdir)
+    step_fn = jax.jit(make_train_step(cfg, model, tx, schedule), donate_argnums=(0,))
+    t_last = time.perf_counter()
+    step = int(state.step)
+    while step < total_steps:
+      host_batch = {k: v for k, v in next(data_iterator).items() if k in keys}
+      batch = sharding.host_to_global(host_batch, mesh, rules)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      if step % cfg.train.log_every == 0 or step == total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        now = time.perf_counter()
+        metrics["step_time_s"] = (now - t_last) / cfg.train.log_every
+        t_last = now
+        metrics["step"] = step
+        history.append(metrics)
+        if log_fn:
+          log_fn(step, metrics)
+      checkpointing.save(mngr, step, state, data_iterator, force=step == total_steps)
+    mngr.wait_until_finished()
+    final = state.params()
+    if cfg.lora.rank:
+      final = lora_lib.merge_lora(final, cfg.lora.alpha / cfg.lora.rank)
+    export_dir = checkpointing.export_params(workdir, final, cfg) if export else ""
+  return StageResult(steps=step, final_metrics=history[-1] if history else {}, export_dir=export_dir,
+                     history=history)
