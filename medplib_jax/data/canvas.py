@@ -67,7 +67,8 @@ def _pad(array: np.ndarray, geo: CanvasGeometry, fill) -> np.ndarray:
 def clip_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, CanvasGeometry]:
   """uint8 RGB [H, W, 3] -> CLIP-normalised float32 [size, size, 3] (mean-colour centred pad)."""
   geo = geometry(image.shape[:2], size)
-  resized = _resize(image, geo.resized_hw, Image.BICUBIC)
+  # SAM's ResizeLongestSide (torchvision resize of a PIL image: bilinear), as the reference.
+  resized = _resize(image, geo.resized_hw, Image.BILINEAR)
   mean_colour = tuple(int(v * 255) for v in CLIP_MEAN)  # as LLaVA's expand2square
   canvas = _pad(resized, geo, mean_colour).astype(np.float32) / 255.0
   return (canvas - CLIP_MEAN) / CLIP_STD, geo
