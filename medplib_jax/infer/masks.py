@@ -1,0 +1,76 @@
+"""Low-resolution SAM mask logits -> masks at the original image size.
+
+Two modes (SPEC.md, Evaluation):
+* ``correct``: upsample [N, 4h, 4w] logits to the model input size (the SAM canvas), crop the
+  centred padding, resize bilinearly to the original size.
+* ``reference``: MedPLIB's `postprocess_masks`: the crop is taken from the *low-res* logits using
+  offsets computed for the 256-px canvas (pad = 64 - resized, pad_top = pad // 2, Python slice
+  semantics with negative starts), then resized to the original size. For square images both modes
+  agree; for non-square ones the reference mask is shifted and stretched.
+Bilinear resizing matches torch `F.interpolate(mode="bilinear", align_corners=False)` (no
+antialiasing), so both modes are reproducible against the reference.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medplib_jax.data.canvas import CanvasGeometry
+
+MODES = ("correct", "reference")
+REFERENCE_THRESHOLD = 0.1  # the reference evaluation thresholds sigmoid(logits) at 0.1
+
+
+def _axis_weights(in_size: int, out_size: int):
+  """torch's align_corners=False source indices and weights for one axis."""
+  scale = in_size / out_size
+  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  i0 = np.floor(src).astype(np.int32)
+  i0 = np.minimum(i0, in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  w1 = (src - i0).astype(np.float32)
+  return i0, i1, w1
+
+
+def resize_bilinear(x, out_hw: tuple[int, int]):
+  """[..., H, W] -> [..., out_h, out_w], as torch F.interpolate(bilinear, align_corners=False)."""
+  x = jnp.asarray(x, jnp.float32)
+  h, w = x.shape[-2:]
+  if (h, w) == tuple(out_hw):
+    return x
+  r0, r1, rw = _axis_weights(h, out_hw[0])
+  c0, c1, cw = _axis_weights(w, out_hw[1])
+  rows = x[..., r0, :] * (1 - rw)[:, None] + x[..., r1, :] * rw[:, None]
+  return rows[..., c0] * (1 - cw) + rows[..., c1] * cw
+
+
+def reference_crop(low_res_hw: tuple[int, int], geometry: CanvasGeometry) -> tuple[slice, slice]:
+  """The rows/cols MedPLIB keeps from [.., Lh, Lw] logits (offsets from the canvas-size resize)."""
+  crops = []
+  for size, resized in zip(low_res_hw, geometry.resized_hw):
+    pad = size - resized  # negative when the logits are smaller than the resized image
+    top = pad // 2
+    start, stop, _ = slice(top, top + size - pad).indices(size)
+    crops.append(slice(start, stop))
+  return crops[0], crops[1]
+
+
+def postprocess_logits(low_res, geometry: CanvasGeometry, mode: str = "correct"):
+  """low_res [N, 4h, 4w] (or [4h, 4w]) logits on the SAM canvas -> float logits [N, H, W] (original)."""
+  if mode not in MODES:
+    raise ValueError(f"unknown post-processing mode {mode!r}; choose one of {MODES}")
+  low_res = jnp.asarray(low_res, jnp.float32)
+  if mode == "correct":
+    canvas = resize_bilinear(low_res, (geometry.size, geometry.size))
+    rh, rw = geometry.resized_hw
+    cropped = canvas[..., geometry.pad_top:geometry.pad_top + rh,
+                     geometry.pad_left:geometry.pad_left + rw]
+  else:
+    rows, cols = reference_crop(low_res.shape[-2:], geometry)
+    cropped = low_res[..., rows, cols]
+  return resize_bilinear(cropped, geometry.orig_hw)
+
+
+def masks_from_logits(logits, threshold_prob: float = 0.5):
+  """Binary masks: sigmoid(logits) > threshold_prob (the reference evaluation uses 0.1)."""
+  return jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)) > threshold_prob
