@@ -80,20 +80,39 @@ def moe_config(num_experts=1):
       random_token_selection=True, aux_loss_coef=0.0, expert_axis="expert"))
 
 
+# Stock segment_anything image encoders at 1024 px (no adapters), so original SAM weights load too.
+_STOCK_SAM = {
+    "sam_vit_b": dict(width=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "sam_vit_l": dict(width=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "sam_vit_h": dict(width=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
 def sam_config(size):
-  """SAM-Med2D: image encoder with adapters, prompt encoder, mask decoder."""
+  """SAM-Med2D: image encoder with adapters, prompt encoder, mask decoder.
+
+  `size` is a model size, or one of "sam_vit_b" / "sam_vit_l" / "sam_vit_h" (stock SAM, 1024 px).
+  """
+  if size in _STOCK_SAM:
+    stock = _STOCK_SAM[size]
+    return ml_collections.ConfigDict(dict(
+        image_size=1024, patch_size=16, mlp_dim=4 * stock["width"], window_size=14,
+        use_rel_pos=True, adapter=False, adapter_dim=0, out_chans=256, prompt_embed_dim=256,
+        decoder_depth=2, decoder_mlp_dim=2048, decoder_num_heads=8, num_multimask_outputs=3,
+        iou_head_depth=3, iou_head_hidden_dim=256, mask_in_chans=16, **stock))
   if size == "7b":
     return ml_collections.ConfigDict(dict(
         image_size=256, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
         window_size=14, global_attn_indexes=(2, 5, 8, 11), use_rel_pos=True, adapter=True,
         adapter_dim=192, out_chans=256, prompt_embed_dim=256, decoder_depth=2,
         decoder_mlp_dim=2048, decoder_num_heads=8, num_multimask_outputs=3, iou_head_depth=3,
-        iou_head_hidden_dim=256))
+        iou_head_hidden_dim=256, mask_in_chans=16))
   return ml_collections.ConfigDict(dict(
       image_size=128, patch_size=16, width=64, depth=2, num_heads=2, mlp_dim=256,
       window_size=4, global_attn_indexes=(1,), use_rel_pos=True, adapter=True, adapter_dim=16,
       out_chans=32, prompt_embed_dim=32, decoder_depth=2, decoder_mlp_dim=128,
-      decoder_num_heads=2, num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32))
+      decoder_num_heads=2, num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32,
+      mask_in_chans=16))
 
 
 def model_config(size, num_experts=1):
