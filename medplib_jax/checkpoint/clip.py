@@ -94,12 +94,16 @@ def interpolate_position_embedding(pos: np.ndarray, grid: int) -> np.ndarray:
 
 
 def detect_clip_prefix(keys) -> str:
-  keys = list(keys)
-  for prefix in CLIP_PREFIXES:
-    if any(k.startswith(prefix) for k in keys):
+  """The key prefix in front of `embeddings.patch_embedding.weight`: the MedPLIB one, HF
+  `vision_model.` (CLIPModel / older CLIPVisionModel), or none (transformers 5 CLIPVisionModel)."""
+  suffix = "embeddings.patch_embedding.weight"
+  found = sorted({k[:-len(suffix)] for k in keys if k.endswith(suffix)})
+  for prefix in CLIP_PREFIXES + ("",):
+    if prefix in found:
       return prefix
-  raise CheckpointError(f"no CLIP vision keys found (looked for prefixes {CLIP_PREFIXES}; "
-                        f"first keys: {keys[:5]})")
+  keys = list(keys)
+  raise CheckpointError(f"no CLIP vision keys found (looked for {suffix!r} after one of "
+                        f"{CLIP_PREFIXES} or no prefix; found prefixes {found}, first keys: {keys[:5]})")
 
 
 def _linear(ledger, key, in_dim, out_dim):
