@@ -187,7 +187,7 @@ class DecoderLayer(nn.Module):
           lora_alpha=float(lora.alpha) if lora is not None else 16.0,
           lora_dropout=float(lora.dropout) if lora is not None else 0.0,
           lora_targets=ffn_targets, dtype=self.dtype, param_dtype=self.param_dtype,
-          name="mlp")(x, deterministic)
+          expert_axis=moe.get("expert_axis", "expert"), name="mlp")(x, deterministic)
     else:
       y = Mlp(cfg, self.lora_config, self.dtype, self.param_dtype, name="mlp")(x, deterministic)
       stats = {}
