@@ -175,8 +175,8 @@ STRUCTURES: dict[str, tuple[StructureClass, ...]] = {
     ),
     "mr": (
         StructureClass("ventricle", False, _flat(25), aspect=(2.5, 3.5), wobble=0.08),
-        StructureClass("cerebellum", False, _striped(160, 25, 2.5), aspect=(1.2, 1.6)),
-        StructureClass("tumor", True, _rim(205, 250, 0.8), aspect=(1.0, 1.3), wobble=0.25),
+        StructureClass("cerebellum", False, _striped(150, 25, 2.5), aspect=(1.2, 1.6)),
+        StructureClass("tumor", True, _rim(225, 255, 0.8), aspect=(1.0, 1.3), wobble=0.25),
     ),
     "x": (
         StructureClass("lung", False, _flat(35, 6, 8), aspect=(1.6, 2.2), angle=_VERTICAL),
@@ -251,7 +251,7 @@ def _bg_mr(rng, h, w):
 
 def _finish_mr(img, fov, rng):
   h, w = img.shape[:2]
-  bias = 1 + 0.12 * _smooth_noise(rng, h, w, max(h, w) / 2)
+  bias = 1 + 0.08 * _smooth_noise(rng, h, w, max(h, w) / 2)
   re_, im = (rng.standard_normal((2, h, w)) * 7).astype(np.float32)
   return np.sqrt((img[..., 0] * bias + re_) ** 2 + im ** 2)[..., None]   # Rician magnitude
 
