@@ -22,6 +22,7 @@ from medplib_jax.models.sam_image_encoder import block_pattern
 MEDPLIB_PREFIX = "model.visual_model."
 # Non-persistent buffers in segment_anything, but some exporters save them; never parameters.
 _IGNORED_KEYS = ("pixel_mean", "pixel_std")
+_POINT_EMBEDDING_KEYS = tuple(f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4))
 
 
 # ---- layout translation: Hugging Face SamModel -> segment_anything -----------------------------
@@ -265,6 +266,9 @@ def load_sam(source, config, prefix: str | None = None):
   shapes = _expected_shapes(config)
   for key, path, kind in _flat_entries(config):
     _set(params, path, take(key, kind, shapes[path]))
+  # Four nn.Embedding(1, C) in torch (negative, positive, box corners) -> one [4, C] param.
+  _set(params, ("prompt_encoder", "point_embeddings"), np.concatenate(
+      [ledger.take(key, (1, config.prompt_embed_dim)) for key in _POINT_EMBEDDING_KEYS]))
   period, num_groups = block_pattern(config)
   for j in range(period):
     per_group = [_block_entries(config, g * period + j) for g in range(num_groups)]
@@ -301,6 +305,8 @@ def export_sam(params, config, prefix: str = MEDPLIB_PREFIX) -> dict[str, np.nda
   out = {}
   for key, path, kind in _flat_entries(config):
     out[prefix + key] = np.ascontiguousarray(_to_torch(flat[path], kind))
+  for i, key in enumerate(_POINT_EMBEDDING_KEYS):
+    out[prefix + key] = flat[("prompt_encoder", "point_embeddings")][i:i + 1].copy()
   period, num_groups = block_pattern(config)
   for g in range(num_groups):
     for j in range(period):
