@@ -5,6 +5,8 @@
   encoder's blocks, saved as a `{"model": state_dict}` .pth in the segment_anything layout.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,17 @@ def _prompt_encoder(module, *args, **kwargs):
   return module.prompt_encoder(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(adapter):
+  """Jitted encode / decode for the test config (eager `apply` is slow on 2 shared cores)."""
+  model = SamMed2D(_config(adapter))
+  encode = jax.jit(lambda p, x: model.apply(p, x, method=SamMed2D.encode_image))
+  decode = jax.jit(lambda p, e, i, pts, b, s, mm: model.apply(
+      p, e, i, points=pts, boxes=b, extra_sparse=s, multimask_output=mm, method=SamMed2D.decode),
+      static_argnums=6)
+  return encode, decode
+
+
 def test_import_report_is_complete(stock):
   _, _, _, report = stock
   assert report["layout"] == "hf"
@@ -100,7 +113,7 @@ def test_image_embeddings_match_hf(stock):
   images = _images(2)
   with torch.no_grad():
     ref = hf.get_image_embeddings(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  ours = SamMed2D(cfg).apply(params, images, method=SamMed2D.encode_image)
+  ours = _jitted(False)[0](params, images)
   assert ours.shape == (2, GRID, GRID, 32)
   np.testing.assert_allclose(np.asarray(ours), ref.transpose(0, 2, 3, 1), atol=TOL, rtol=TOL)
 
@@ -139,8 +152,7 @@ def test_prompt_embeddings_match_hf(stock):
 @pytest.mark.parametrize("prompt", ["points", "boxes"])
 @pytest.mark.parametrize("multimask", [False, True])
 def test_masks_and_iou_match_hf(stock, prompt, multimask):
-  hf, cfg, params, _ = stock
-  model = SamMed2D(cfg)
+  hf, _, params, _ = stock
   images = _images(1, seed=4)
   n = 3
   coords, labels = _points(n, 3, seed=5)
@@ -153,14 +165,13 @@ def test_masks_and_iou_match_hf(stock, prompt, multimask):
     out = hf(image_embeddings=emb, multimask_output=multimask, **kwargs)
   ref_masks, ref_iou = out.pred_masks[0].numpy(), out.iou_scores[0].numpy()
 
-  ours_emb = model.apply(params, images, method=SamMed2D.encode_image)
+  encode, decode = _jitted(False)
+  ours_emb = encode(params, images)
   index = jnp.zeros((n,), jnp.int32)
   if prompt == "points":
-    masks, iou = model.apply(params, ours_emb, index, points=(coords, labels),
-                             multimask_output=multimask, method=SamMed2D.decode)
+    masks, iou = decode(params, ours_emb, index, (coords, labels), None, None, multimask)
   else:
-    masks, iou = model.apply(params, ours_emb, index, boxes=boxes, multimask_output=multimask,
-                             method=SamMed2D.decode)
+    masks, iou = decode(params, ours_emb, index, None, boxes, None, multimask)
   k = 3 if multimask else 1
   assert masks.shape == (n, k, 4 * GRID, 4 * GRID) and iou.shape == (n, k)
   np.testing.assert_allclose(np.asarray(masks), ref_masks, atol=TOL, rtol=TOL)
@@ -169,8 +180,7 @@ def test_masks_and_iou_match_hf(stock, prompt, multimask):
 
 def test_extra_sparse_token_matches_hf_decoder(stock):
   """MedPLIB's path: no points/boxes, the <SEG> projection as the only sparse token."""
-  hf, cfg, params, _ = stock
-  model = SamMed2D(cfg)
+  hf, _, params, _ = stock
   images = _images(2, seed=7)
   seg = np.random.default_rng(8).normal(size=(2, 1, 32)).astype(np.float32)
   with torch.no_grad():
@@ -179,9 +189,9 @@ def test_extra_sparse_token_matches_hf_decoder(stock):
     image_pe = hf.get_image_wide_positional_embeddings()
     ref = [hf.mask_decoder(emb[i:i + 1], image_pe, torch.from_numpy(seg[i:i + 1])[None], dense,
                            multimask_output=False) for i in range(2)]
-  ours_emb = model.apply(params, images, method=SamMed2D.encode_image)
-  masks, iou = model.apply(params, ours_emb, jnp.arange(2, dtype=jnp.int32), extra_sparse=seg,
-                           method=SamMed2D.decode)
+  encode, decode = _jitted(False)
+  masks, iou = decode(params, encode(params, images), jnp.arange(2, dtype=jnp.int32), None, None,
+                      seg, False)
   for i in range(2):
     np.testing.assert_allclose(np.asarray(masks[i]), ref[i][0][0, 0].numpy(), atol=TOL, rtol=TOL)
     np.testing.assert_allclose(np.asarray(iou[i]), ref[i][1][0, 0].numpy(), atol=TOL, rtol=TOL)
@@ -190,7 +200,7 @@ def test_extra_sparse_token_matches_hf_decoder(stock):
 def test_batched_prompts_equal_single_calls(stock):
   _, cfg, params, _ = stock
   model = SamMed2D(cfg)
-  emb = model.apply(params, _images(2, seed=9), method=SamMed2D.encode_image)
+  emb = _jitted(False)[0](params, _images(2, seed=9))
   n = 6
   coords, labels = _points(n, 2, seed=10)
   boxes = _boxes(n, seed=11)
@@ -284,11 +294,11 @@ def test_adapter_matches_torch(med2d):
 
 
 def test_sam_med2d_encoder_matches_torch(med2d):
-  hf, _, cfg, params, _, _ = med2d
+  hf, _, _, params, _, _ = med2d
   images = _images(2, seed=14)
   with torch.no_grad():
     ref = hf.get_image_embeddings(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  ours = SamMed2D(cfg).apply(params, images, method=SamMed2D.encode_image)
+  ours = _jitted(True)[0](params, images)
   np.testing.assert_allclose(np.asarray(ours), ref.transpose(0, 2, 3, 1), atol=TOL, rtol=TOL)
 
 
