@@ -127,8 +127,10 @@ class Attention(nn.Module):
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
-                                       implementation=_attention_impl(self.dtype))
+    # cuDNN flash attention for full-sequence calls (training, scoring); cached calls are short
+    # queries against a long cache, which XLA handles without cuDNN's shape restrictions.
+    impl = _attention_impl(self.dtype) if layer_cache is None else "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
     out = out.reshape(b, l, h * hd)
     out = proj("o_proj", "o", cfg.width, ("heads", "embed"))(out, deterministic)
     return out, new_cache
