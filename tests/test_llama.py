@@ -204,3 +204,22 @@ def test_param_tree_and_logical_axes():
   assert layers["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
   assert specs["params"]["embed_tokens"]["embedding"] == ("vocab", "embed")
   assert specs["params"]["lm_head"]["kernel"] == ("embed", "vocab")
+
+
+def test_sharded_forward_matches_single_device(hf_dir):
+  """Under a (data 2, fsdp 2, tensor 2) mesh with the project's rules the numbers do not change."""
+  from medplib_jax.sharding import logical_to_shardings, make_mesh
+  _, cfg = tiny_configs(remat_policy="nothing_saveable")
+  params, _ = load_llama(hf_dir, cfg)
+  ids, mask = padded_batch(np.random.default_rng(4), "left")
+  ids, mask = jnp.asarray(ids[:2], jnp.int32), jnp.asarray(mask[:2])
+  model = LlamaForCausalLM(cfg, common.moe_config(1), None)
+  expected = model.apply({"params": params}, ids, attention_mask=mask)["logits"]
+  mesh = make_mesh(dict(data=2, fsdp=2, expert=1, tensor=2))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), ids)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(common.LOGICAL_AXIS_RULES):
+    shardings = logical_to_shardings(abstract, mesh, common.LOGICAL_AXIS_RULES)["params"]
+    placed = jax.tree.map(jax.device_put, params, shardings)
+    assert tuple(placed["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec) == (None, "fsdp", "tensor")
+    logits = jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask)["logits"])(placed)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
