@@ -1,0 +1,260 @@
+"""Ahead-of-time scale check: the 7B stage-4 train step and the 7B decode step, compiled for fake
+meshes of CPU host-platform devices from abstract shapes (nothing is materialised).
+
+For each (devices, layout) one subprocess sets `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+before importing jax, builds the step from `jax.eval_shape` params, lowers it with
+`jax.jit(..., in_shardings, out_shardings, donate_argnums=0).lower(...)`, compiles it, and prints
+the per-device memory (`compiled.memory_analysis()`) and FLOPs (`compiled.cost_analysis()`) as one
+JSON line. The parent collects them into bench/results/aot_7b.json.
+
+Setup (stated in the results): stage-4 config `configs/stage4_moe.py:7b` (2 experts, LoRA r8 on
+the experts' gate/up/down and q/v, bf16 compute, f32 params and Adam moments), sequence length
+1024, one sequence per device (global batch = devices), remat `nothing_saveable`.
+Layouts: `fsdp` (every device on the fsdp axis), `expert_fsdp` (expert axis 2 x fsdp N/2, the
+batch sharded over both). Decode: one token against a 2048-slot bf16 KV cache, batch 1, bf16
+params, on 1 device and on 8 devices with the tensor axis (heads / mlp sharded).
+
+  python -m bench.aot_7b                          # every configuration (long: see docs)
+  python -m bench.aot_7b --only train:8:fsdp      # one configuration
+  python -m bench.aot_7b --worker train:8:fsdp    # what the parent runs per configuration
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot_7b.json")
+GIB = 1024 ** 3
+# Per-device HBM of the accelerators we size for.
+TARGETS_GIB = {"tpu_v5e": 16, "h100": 80, "tpu_v5p": 95}
+SEQ_LEN = 1024
+DECODE_CACHE = 2048
+
+TRAIN_CONFIGS = [f"train:{n}:{layout}" for n in (8, 64, 256) for layout in ("fsdp", "expert_fsdp")]
+DECODE_CONFIGS = ["decode:1:single", "decode:8:tensor"]
+ALL_CONFIGS = TRAIN_CONFIGS + DECODE_CONFIGS
+
+
+def mesh_overrides(layout: str, devices: int) -> tuple[dict, list]:
+  """(mesh sizes, logical-rule overrides) of a layout."""
+  if layout == "fsdp":
+    return dict(data=1, fsdp=devices, expert=1, tensor=1), []
+  if layout == "expert_fsdp":
+    # The batch also spans the expert axis, so every device holds different tokens
+    # (DeepSpeed's expert parallelism: experts sharded, attention data-parallel).
+    return dict(data=1, fsdp=devices // 2, expert=2, tensor=1), [("batch", ("data", "fsdp", "expert"))]
+  if layout == "single":
+    return dict(data=1, fsdp=1, expert=1, tensor=1), []
+  if layout == "tensor":
+    return dict(data=1, fsdp=1, expert=1, tensor=devices), []
+  raise ValueError(f"unknown layout {layout!r}; choose fsdp, expert_fsdp, single or tensor")
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                          "alias_size_in_bytes", "temp_size_in_bytes",
+                                          "generated_code_size_in_bytes")}
+  # Live at the peak: inputs + outputs not aliased to (donated) inputs + scratch.
+  out["peak_bytes_per_device"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  out["peak_gib_per_device"] = out["peak_bytes_per_device"] / GIB
+  out["fits"] = {name: out["peak_bytes_per_device"] <= gib * GIB for name, gib in TARGETS_GIB.items()}
+  return out
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", -1.0))
+
+
+def _rules(cfg, extra):
+  from medplib_jax import sharding
+  rules = dict(sharding.rules_tuple(cfg.logical_axis_rules))
+  rules.update(dict(extra))
+  return tuple(rules.items())
+
+
+def compile_train(devices: int, layout: str) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from medplib_jax import flops as flops_lib
+  from medplib_jax import sharding
+  from medplib_jax.config_loading import load_config
+  from medplib_jax.data.batch import batch_spec
+  from medplib_jax.train import trainer
+
+  mesh_cfg, rule_overrides = mesh_overrides(layout, devices)
+  cfg = load_config("configs/stage4_moe.py:7b", [f"--config.data.max_length={SEQ_LEN}"])
+  rules = _rules(cfg, rule_overrides)
+  mesh = sharding.make_mesh(mesh_cfg)
+  global_batch = devices  # one sequence per device
+  model = trainer.build_model(cfg)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = trainer.abstract_variables(cfg, model)["params"]
+    param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+    params = sharding.strip_boxes(boxed)
+    mask = trainer.stage_trainable_mask(cfg, params)
+    trainable, frozen = trainer.partition(params, mask)
+    trainable_sh, frozen_sh = trainer.partition(param_shardings, mask)
+    tx, schedule = trainer.make_optimizer(cfg.optim, total_steps=1000)
+    # Adam moments take their param's sharding: read them off a compiled tx.init.
+    init_compiled = jax.jit(tx.init, in_shardings=(trainable_sh,)).lower(trainable).compile()
+    opt_state = jax.eval_shape(tx.init, trainable)
+    opt_sh = init_compiled.output_shardings
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                               frozen=frozen, opt_state=opt_state,
+                               rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state_sh = trainer.TrainState(step=replicated, trainable=trainable_sh, frozen=frozen_sh,
+                                  opt_state=opt_sh, rng=replicated)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                         state_sh)
+    spec = batch_spec(cfg.model, SEQ_LEN)
+    batch_sh = {k: sharding.batch_sharding(mesh, 1 + len(s), rules) for k, (s, _) in spec.items()}
+    batch = {k: jax.ShapeDtypeStruct((global_batch,) + s, d, sharding=batch_sh[k])
+             for k, (s, d) in spec.items()}
+    step_fn = trainer.make_train_step(cfg, model, tx, schedule)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                     donate_argnums=0)
+    lowered = jitted.lower(state, batch)
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+  t_compile = time.perf_counter() - t0 - t_lower
+  counts = trainer.component_counts(params)
+  model_flops = flops_lib.train_step_flops(cfg, global_batch, SEQ_LEN)
+  return dict(kind="train", devices=devices, layout=layout, mesh=dict(mesh.shape),
+              rules_overrides=[list(r) for r in rule_overrides], global_batch=global_batch,
+              seq_len=SEQ_LEN, params=trainer.count_params(params),
+              trainable_params=trainer.count_params(trainable), component_params=counts,
+              memory=_memory(compiled), xla_flops_per_device=_flops(compiled),
+              model_flops_per_step=model_flops["total"],
+              model_flops_per_device=model_flops["total"] / devices,
+              lower_s=t_lower, compile_s=t_compile)
+
+
+def compile_decode(devices: int, layout: str) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from medplib_jax import flops as flops_lib
+  from medplib_jax import sharding
+  from medplib_jax.config_loading import load_config
+  from medplib_jax.models.llama import LlamaForCausalLM, init_cache
+  from medplib_jax.train import trainer
+
+  mesh_cfg, rule_overrides = mesh_overrides(layout, devices)
+  cfg = load_config("configs/stage4_moe.py:7b", [])
+  rules = _rules(cfg, rule_overrides)
+  mesh = sharding.make_mesh(mesh_cfg)
+  llm_cfg = cfg.model.llm
+  # Inference: LoRA merged away, params stored in bf16.
+  model = LlamaForCausalLM(llm_cfg, cfg.model.moe, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
+    param_sh = sharding.logical_to_shardings(boxed, mesh, rules)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          sharding.strip_boxes(boxed), param_sh)
+    cache = jax.eval_shape(lambda: init_cache(llm_cfg, 1, DECODE_CACHE, jnp.bfloat16))
+    kv_spec = PartitionSpec(None, None, None, "tensor" if mesh.shape["tensor"] > 1 else None, None)
+    cache_sh = {k: NamedSharding(mesh, kv_spec if k in ("k", "v") else PartitionSpec()) for k in cache}
+    cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cache_sh[k]) for k, v in cache.items()}
+    token_sh = NamedSharding(mesh, PartitionSpec())
+    token = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=token_sh)
+
+    def decode_step(cache, params, token):
+      out = model.apply({"params": params}, input_ids=token, cache=cache)
+      return out["cache"], jnp.argmax(out["logits"][:, -1], -1)
+
+    jitted = jax.jit(decode_step, in_shardings=(cache_sh, param_sh, token_sh),
+                     out_shardings=(cache_sh, token_sh), donate_argnums=0)
+    lowered = jitted.lower(cache, params, token)
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+  t_compile = time.perf_counter() - t0 - t_lower
+  plain = sharding.strip_boxes(boxed)
+  model_flops = flops_lib.decode_step_flops(cfg.model, batch=1, context=DECODE_CACHE)
+  return dict(kind="decode", devices=devices, layout=layout, mesh=dict(mesh.shape), batch=1,
+              cache_len=DECODE_CACHE, params=trainer.count_params(plain),
+              memory=_memory(compiled), xla_flops_per_device=_flops(compiled),
+              model_flops_per_step=model_flops, lower_s=t_lower, compile_s=t_compile)
+
+
+def worker(name: str) -> dict:
+  kind, devices, layout = name.split(":")
+  devices = int(devices)
+  import jax
+  if jax.device_count() != devices:
+    raise RuntimeError(f"{name}: expected {devices} devices, jax sees {jax.device_count()} "
+                       "(XLA_FLAGS must be set before jax is imported)")
+  fn = compile_train if kind == "train" else compile_decode
+  return dict(name=name, **fn(devices, layout))
+
+
+def run_one(name: str, timeout_s: float) -> dict:
+  devices = int(name.split(":")[1])
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, "-m", "bench.aot_7b", "--worker", name], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return dict(name=name, error=f"timed out after {timeout_s:.0f} s", wall_s=time.perf_counter() - t0)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return dict(name=name, error=f"exit {proc.returncode}: {proc.stderr[-3000:]}",
+                wall_s=time.perf_counter() - t0)
+  result = json.loads(lines[-1])
+  result["wall_s"] = time.perf_counter() - t0
+  return result
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--worker", help="compile one configuration in this process and print JSON")
+  p.add_argument("--only", action="append", help=f"configurations to run (default all: {ALL_CONFIGS})")
+  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+  args = p.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(args.worker)))
+    return
+  import platform
+  previous = {}
+  if os.path.exists(RESULTS):
+    with open(RESULTS) as f:
+      previous = {r["name"]: r for r in json.load(f).get("runs", [])}
+  for name in args.only or ALL_CONFIGS:
+    print(f"[aot_7b] {name} ...", flush=True)
+    result = run_one(name, args.timeout)
+    previous[name] = result
+    summary = result.get("error") or (f"{result['memory']['peak_gib_per_device']:.2f} GiB/device, "
+                                       f"compile {result['compile_s']:.0f} s")
+    print(f"[aot_7b] {name}: {summary}", flush=True)
+    payload = dict(name="aot_7b", what=__doc__.split("\n\n")[0],
+                   command="make aot  (or: python -m bench.aot_7b --only train:8:fsdp)",
+                   targets_gib=TARGETS_GIB, seq_len=SEQ_LEN,
+                   machine=dict(platform=platform.platform(), cpu_count=os.cpu_count()),
+                   runs=[previous[n] for n in ALL_CONFIGS if n in previous],
+                   written=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+      json.dump(payload, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
