@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -65,13 +66,36 @@ def rules_tuple(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   return tuple(out)
 
 
+def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """Drops the mesh axes of any dimension they do not divide (e.g. a 32267-row vocabulary on
+  2 tensor shards): that dimension is replicated instead of failing to shard."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if size == 1 or dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
 def logical_to_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a pytree whose leaves may carry linen `LogicallyPartitioned` boxes.
 
-  Leaves without annotations are replicated.
+  Leaves without annotations are replicated; dimensions that a mesh axis does not divide are
+  replicated along it.
   """
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+  shapes = strip_boxes(abstract_tree)
+  return jax.tree.map(lambda sh, x: NamedSharding(mesh, _fit_spec(sh.spec, x.shape, mesh)),
+                      shardings, shapes)
+
+
+def strip_boxes(tree):
+  """Removes linen partitioning boxes without applying sharding constraints (unlike nn.unbox,
+  which constrains under active rules and so fails on abstract shapes)."""
+  is_box = lambda x: isinstance(x, flax.core.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

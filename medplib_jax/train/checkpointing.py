@@ -32,7 +32,7 @@ def manager(workdir: str, keep: int, save_every: int, async_save: bool = True) -
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, force: bool = False) -> bool:
   args = {"state": ocp.args.StandardSave(state)}
-  if data_iterator is not None:
+  if hasattr(data_iterator, "get_state"):
     args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
@@ -47,7 +47,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator, f
   steps = sorted(mngr.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if hasattr(data_iterator, "set_state"):
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**args))

@@ -121,7 +121,7 @@ def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
   rules = cfg.logical_axis_rules
   abstract = abstract_variables(cfg, model)["params"]
   shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-  abstract_flat = flat(nn.unbox(abstract))
+  abstract_flat = flat(sharding.strip_boxes(abstract))
   for path, value in inherited.items():
     if path in abstract_flat and tuple(abstract_flat[path].shape) != tuple(np.shape(value)):
       raise ValueError(f"inherited param {path} has shape {tuple(np.shape(value))}, this stage's "
@@ -215,6 +215,20 @@ def make_train_step(cfg, model, tx, schedule):
   return step_fn
 
 
+def init_state(cfg, model, mesh, total_steps: int):
+  """The stage's starting TrainState (inherited + fresh params), optimizer and lr schedule.
+
+  Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(...)`.
+  """
+  params = init_params(cfg, model, mesh, previous_stage_params(cfg), jax.random.key(cfg.seed))
+  trainable, frozen = partition(params, stage_trainable_mask(cfg, params))
+  tx, schedule = make_optimizer(cfg.optim, total_steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                     opt_state=jax.jit(tx.init)(trainable),
+                     rng=jax.random.key_data(jax.random.key(cfg.seed + 1)))
+  return state, tx, schedule
+
+
 # --- Loop --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -235,13 +249,7 @@ def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
   keys = set(batch_spec(cfg.model, cfg.data.max_length))
   history = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = init_params(cfg, model, mesh, previous_stage_params(cfg), jax.random.key(cfg.seed))
-    mask = stage_trainable_mask(cfg, params)
-    trainable, frozen = partition(params, mask)
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                       opt_state=jax.jit(tx.init)(trainable),
-                       rng=jax.random.key_data(jax.random.key(cfg.seed + 1)))
+    state, tx, schedule = init_state(cfg, model, mesh, total_steps)
     mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     start, restored = checkpointing.restore_latest(mngr, state, data_iterator)
     if restored is not None:
