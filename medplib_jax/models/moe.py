@@ -103,7 +103,7 @@ def route(logits: jax.Array, *, top_k: int, capacity: int | None,
   if top_k > 1:
     denom = jnp.maximum(combine_weight.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
     combine_weight = combine_weight / denom
-  dropped_fraction = 1.0 - kept.mean(dtype=jnp.float32)
+  dropped_fraction = jnp.mean(jnp.logical_not(kept), dtype=jnp.float32)
   return Routing(expert_index.astype(jnp.int32), rank, kept, combine_weight, order,
                  tokens_per_expert, aux_loss, dropped_fraction)
 
