@@ -1,0 +1,350 @@
+"""The user-facing Python API: load a model directory once, answer questions, decode `<SEG>` masks.
+
+    from medplib_jax import MedPLIB
+    model = MedPLIB.from_pretrained("runs/demo/stage4/export")
+    out = model.predict("ct_0001.png", "Please segment the liver.")
+    out.text, out.masks        # str, [bool [H, W]] at the original image size
+
+One call runs, for a batch of prompts padded to a shared bucket length (left padding):
+  host:   image -> CLIP and SAM canvases; question -> template prompt -> token ids with the image
+          slots and the region slot; region prompt (point / box / polygon / mask) -> patch grid
+  device: CLIP features + spliced embeddings (jit) -> KV-cache generation (infer/generate.py)
+          -> SAM-Med2D decode of the state that predicted each `<SEG>` (jit)
+  host:   low-res logits -> original size (infer/masks.py) -> threshold.
+
+Two settings (SPEC.md, Evaluation): ``correct`` (default: training template, correct crop,
+sigmoid > 0.5) and ``reference`` (vicuna_v1 prompt, the reference crop, sigmoid > 0.1, and the
+"forced" mask decoded from the state at position -2 when no `<SEG>` was generated).
+"""
+
+import dataclasses
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from medplib_jax.data import canvas, prompts
+from medplib_jax.data.batch import num_image_tokens
+from medplib_jax.data.mecovqa import DEFAULT_MAX_PIXELS, BadRecord, decode_image
+from medplib_jax.data.template import generation_prompt, tokenizer_image_token
+from medplib_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, load_tokenizer
+from medplib_jax.infer.generate import generate
+from medplib_jax.infer.masks import REFERENCE_THRESHOLD, masks_from_logits, postprocess_logits
+from medplib_jax.models.llama import LlamaForCausalLM
+from medplib_jax.models.medplib import MedPLIB as MedPLIBModule
+
+MODES = ("correct", "reference")
+CORRECT_THRESHOLD = 0.5
+REGION_TAGS = "<region></region>"
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this: few compiled shapes
+
+
+class InputError(ValueError):
+  """Bad user input (unreadable image, prompt outside the image, empty or over-long question)."""
+
+
+@dataclasses.dataclass
+class Prediction:
+  """One answer. masks: bool [H, W] per decoded `<SEG>` (original image size); mask_scores: the
+  model's IoU prediction per mask; forced: the mask came from the reference's forced position."""
+  text: str
+  masks: list
+  mask_scores: list
+  seg_found: bool
+  forced: bool
+  raw_text: str
+  tokens: list
+
+
+@dataclasses.dataclass
+class PreparedSample:
+  """Host-side inputs of one prompt (ids hold `pad_id` in the image and region slots)."""
+  ids: list
+  image_start: int
+  region_positions: list
+  region_grids: np.ndarray  # bool [R, G, G]
+  clip_image: np.ndarray
+  sam_image: np.ndarray
+  orig_hw: tuple
+  prompt: str
+
+
+def _find_model_dir(path: str) -> str:
+  """Accepts a model directory or a training workdir holding export/."""
+  for candidate in (path, os.path.join(path, "export")):
+    if os.path.isfile(os.path.join(candidate, "config.json")) and os.path.isdir(
+        os.path.join(candidate, "params")):
+      return candidate
+  raise FileNotFoundError(f"{path!r} is not a MedPLIB model directory (need params/ and "
+                          "config.json, as `medplib train` exports or `medplib convert` writes)")
+
+
+def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Path / encoded bytes / PIL image / uint8 array [H, W(, 3)] -> uint8 RGB [H, W, 3]."""
+  try:
+    if isinstance(image, (str, os.PathLike)):
+      with open(image, "rb") as f:
+        return decode_image(f.read(), str(image), max_pixels)
+    if isinstance(image, (bytes, bytearray)):
+      return decode_image(bytes(image), "image", max_pixels)
+    if isinstance(image, Image.Image):
+      buf = io.BytesIO()
+      image.save(buf, format="PNG")
+      return decode_image(buf.getvalue(), "image", max_pixels)
+  except OSError as e:
+    raise InputError(f"cannot read image {image!r}: {e}") from e
+  except BadRecord as e:
+    raise InputError(f"image is not usable: {e.detail}") from e
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = np.repeat(array[..., None], 3, axis=-1)
+  if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+    raise InputError(f"image array must be uint8 [H, W] or [H, W, 3|4], got {array.dtype} {array.shape}")
+  if array.shape[0] * array.shape[1] > max_pixels:
+    raise InputError(f"image {array.shape[1]}x{array.shape[0]} exceeds the pixel limit {max_pixels}")
+  return np.ascontiguousarray(array[..., :3])
+
+
+def region_from_prompt(hw, point=None, box=None, polygon=None, region_mask=None):
+  """At most one of the prompts -> bool [H, W] region mask (None without a prompt)."""
+  given = {k: v for k, v in dict(point=point, box=box, polygon=polygon, stroke=region_mask).items()
+           if v is not None}
+  if not given:
+    return None
+  if len(given) > 1:
+    raise InputError(f"give at most one region prompt, got {sorted(given)}")
+  try:
+    return prompts.prompt_mask(hw, given)
+  except prompts.PromptError as e:
+    raise InputError(str(e)) from e
+
+
+class MedPLIB:
+  """A loaded MedPLIB model for inference. Build with `MedPLIB.from_pretrained(path)`."""
+
+  def __init__(self, config, params, tokenizer, mode: str = "correct", template: str | None = None):
+    if mode not in MODES:
+      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    self.config = config
+    self.model_cfg = config.model
+    self.params = params
+    self.tokenizer = tokenizer
+    self.mode = mode
+    self.template = template or config.get("data", {}).get("template", "llava_v1")
+    cfg = self.model_cfg
+    self.num_image_tokens = num_image_tokens(cfg.vision)
+    self.grid = cfg.vision.image_size // cfg.vision.patch_size
+    self.max_regions = cfg.region.max_regions
+    self.max_masks = max(1, cfg.grounding.max_masks)
+    self.max_length = cfg.llm.max_length
+    self.module = MedPLIBModule(cfg, None)  # LoRA is merged in exported params
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.llm = LlamaForCausalLM(cfg.llm, cfg.moe, None, dtype=dtype, param_dtype=param_dtype)
+    module = self.module
+
+    def embed(params, batch):
+      features = module.apply({"params": params}, batch["clip_image"],
+                              method=MedPLIBModule.image_features)
+      return module.apply({"params": params}, batch, features, True,
+                          method=MedPLIBModule.multimodal_embeddings)
+
+    def decode(params, sam_image, hidden, index):
+      states = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, M, D]
+      return module.apply({"params": params}, sam_image, states, method=MedPLIBModule.decode_masks)
+
+    self._embed = jax.jit(embed)
+    self._decode = jax.jit(decode)
+
+  # --- loading -----------------------------------------------------------------------------------
+
+  @classmethod
+  def from_pretrained(cls, path: str, mode: str = "correct", template: str | None = None,
+                      tokenizer_path: str | None = None) -> "MedPLIB":
+    """Loads `<path>/{params, config.json, tokenizer/}` (a stage export or converted weights)."""
+    from medplib_jax.train import checkpointing  # orbax: only when loading
+
+    model_dir = _find_model_dir(path)
+    config = ml_collections.ConfigDict(checkpointing.load_export_config(model_dir))
+    params = checkpointing.load_export(model_dir)
+    tok_dir = tokenizer_path or os.path.join(model_dir, "tokenizer")
+    if not os.path.isdir(tok_dir):
+      tok_dir = config.get("data", {}).get("tokenizer", "")
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) != config.model.llm.vocab_size:
+      raise ValueError(f"tokenizer {tok_dir!r} has {len(tokenizer)} tokens but the model's "
+                       f"vocabulary is {config.model.llm.vocab_size}")
+    return cls(config, params, tokenizer, mode=mode, template=template)
+
+  # --- host-side preparation -----------------------------------------------------------------------
+
+  def prepare(self, image: np.ndarray, question: str, region_masks=(), template: str | None = None,
+              max_new_tokens: int = 0) -> PreparedSample:
+    """uint8 RGB image, question text (with `<region></region>` where a region is referred to,
+    appended when a region is given and the question has none), region masks bool [H, W]."""
+    if not isinstance(question, str) or not question.strip():
+      raise InputError("the question is empty")
+    region_masks = [np.asarray(m, bool) for m in region_masks]
+    if region_masks and REGION_TAGS not in question:
+      question = question.rstrip() + " " + REGION_TAGS
+    n_tags = question.count(REGION_TAGS)
+    if n_tags != len(region_masks):
+      raise InputError(f"the question refers to {n_tags} region(s) ({REGION_TAGS}) but "
+                       f"{len(region_masks)} region prompt(s) were given")
+    if n_tags > self.max_regions:
+      raise InputError(f"{n_tags} regions given; the model takes at most {self.max_regions}")
+    question = question.replace(IMAGE_TOKEN, "").strip()
+    convs = [{"from": "human", "value": IMAGE_TOKEN + "\n" + question}]
+    prompt = generation_prompt(convs, template or self.template)
+    ids, image_start, regions = [], -1, []
+    for t in tokenizer_image_token(prompt, self.tokenizer):
+      if t == IMAGE_TOKEN_INDEX:
+        image_start = len(ids)
+        ids += [self.tokenizer.pad_id] * self.num_image_tokens
+      elif t == REGION_TOKEN_INDEX:
+        regions.append(len(ids))
+        ids.append(self.tokenizer.pad_id)
+      else:
+        ids.append(t)
+    budget = self.max_length - max_new_tokens
+    if len(ids) > budget:
+      raise InputError(f"the question is too long: {len(ids)} prompt tokens (with "
+                       f"{self.num_image_tokens} image tokens) + {max_new_tokens} new tokens exceed "
+                       f"the model's {self.max_length}")
+    grids = np.zeros((self.max_regions, self.grid, self.grid), bool)
+    for i, m in enumerate(region_masks):
+      if m.shape != image.shape[:2]:
+        raise InputError(f"region mask is {m.shape[1]}x{m.shape[0]} but the image is "
+                         f"{image.shape[1]}x{image.shape[0]} (WxH)")
+      grids[i] = prompts.region_grid(m, self.model_cfg.vision.image_size, self.grid)
+    clip_image, _ = canvas.clip_canvas(image, self.model_cfg.vision.image_size)
+    sam_image, _ = canvas.sam_canvas(image, self.model_cfg.sam.image_size)
+    return PreparedSample(ids, image_start, regions, grids, clip_image, sam_image,
+                          tuple(image.shape[:2]), prompt)
+
+  # --- device run ----------------------------------------------------------------------------------
+
+  def _batch(self, samples: list[PreparedSample], batch_size: int) -> tuple[dict, np.ndarray]:
+    """Left-padded fixed-shape arrays for `multimodal_embeddings`; rows past the samples repeat
+    the last one (their outputs are dropped)."""
+    longest = max(len(s.ids) for s in samples)
+    length = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    length = min(length, self.max_length) if longest <= self.max_length else longest
+    rows = samples + [samples[-1]] * (batch_size - len(samples))
+    b, r = len(rows), self.max_regions
+    out = {"input_ids": np.full((b, length), self.tokenizer.pad_id, np.int32),
+           "attention_mask": np.zeros((b, length), bool),
+           "image_start": np.full((b,), -1, np.int32),
+           "region_positions": np.full((b, r), -1, np.int32),
+           "region_masks": np.stack([s.region_grids for s in rows]),
+           "clip_image": np.stack([s.clip_image for s in rows])}
+    for i, s in enumerate(rows):
+      offset = length - len(s.ids)
+      out["input_ids"][i, offset:] = s.ids
+      out["attention_mask"][i, offset:] = True
+      if s.image_start >= 0:
+        out["image_start"][i] = offset + s.image_start
+      for j, pos in enumerate(s.region_positions):
+        out["region_positions"][i, j] = offset + pos
+    return out, np.stack([s.sam_image for s in rows])
+
+  def run(self, samples: list[PreparedSample], *, max_new_tokens: int = 64, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int = 0, mode: str | None = None, force_mask: bool | None = None,
+          batch_size: int | None = None) -> list[Prediction]:
+    """Generates for prepared samples (one device batch of `batch_size`, default len(samples)).
+
+    force_mask (default: True in reference mode): decode a mask even when no `<SEG>` was
+    generated, from the reference's position -2, i.e. the state that predicted the second-to-last
+    generated token (the first generated token when only one was produced).
+    """
+    mode = mode or self.mode
+    if mode not in MODES:
+      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    force_mask = (mode == "reference") if force_mask is None else force_mask
+    batch_size = max(batch_size or len(samples), len(samples))
+    batch, sam_images = self._batch(samples, batch_size)
+    embeds = self._embed(self.params, batch)
+    rng = jax.random.key(seed)
+    out = generate(self.llm, {"params": self.params["llm"]}, inputs_embeds=embeds,
+                   attention_mask=batch["attention_mask"], max_new_tokens=int(max_new_tokens),
+                   eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, rng=rng,
+                   temperature=float(temperature), top_p=float(top_p))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+
+    m = self.max_masks
+    index = np.zeros((batch_size, m), np.int32)
+    decode_rows, forced = {}, {}
+    for i in range(len(samples)):
+      n = int(lengths[i])
+      seg_at = [t for t in range(n) if tokens[i, t] == self.tokenizer.seg_id][:m]
+      if not seg_at and force_mask:
+        seg_at, forced[i] = [max(n - 2, 0)], True
+      if seg_at:
+        index[i, :len(seg_at)] = seg_at
+        decode_rows[i] = len(seg_at)
+    logits = iou = None
+    if decode_rows:
+      logits, iou = self._decode(self.params, sam_images, out.hidden, index)
+      logits, iou = np.asarray(logits), np.asarray(iou)
+
+    threshold = REFERENCE_THRESHOLD if mode == "reference" else CORRECT_THRESHOLD
+    results = []
+    for i, s in enumerate(samples):
+      n = int(lengths[i])
+      toks = [int(t) for t in tokens[i, :n]]
+      if toks and toks[-1] == self.tokenizer.eos_id:
+        toks = toks[:-1]
+      masks, scores = [], []
+      if i in decode_rows:
+        k = decode_rows[i]
+        geo = canvas.geometry(s.orig_hw, self.model_cfg.sam.image_size)
+        full = postprocess_logits(logits[i, :k], geo, mode)
+        masks = list(np.asarray(masks_from_logits(full, threshold)))
+        scores = [float(v) for v in iou[i, :k]]
+      results.append(Prediction(
+          text=self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+          masks=masks, mask_scores=scores, seg_found=self.tokenizer.seg_id in toks,
+          forced=bool(forced.get(i)), raw_text=self.tokenizer.decode(toks), tokens=toks))
+    return results
+
+  # --- public calls --------------------------------------------------------------------------------
+
+  def predict(self, image, question: str, point=None, box=None, region_mask=None, polygon=None,
+              **kwargs) -> Prediction:
+    """Answers one question. image: path, encoded bytes, PIL image or uint8 array. Region prompt
+    (at most one, original-image pixels): point (x, y), box (x0, y0, x1, y1), polygon
+    [(x, y), ...] or region_mask (bool/uint8 array of the image size, or a PNG path).
+    kwargs: max_new_tokens, temperature, top_p, seed, mode, force_mask, template."""
+    prompt = {k: v for k, v in dict(point=point, box=box, polygon=polygon,
+                                     region_mask=region_mask).items() if v is not None}
+    return self.predict_batch([image], [question], [prompt or None], **kwargs)[0]
+
+  def predict_batch(self, images, questions, region_prompts=None, *, max_new_tokens: int = 64,
+                    template: str | None = None, batch_size: int | None = None,
+                    **kwargs) -> list[Prediction]:
+    """Answers several questions in one batched call. region_prompts: per sample None or a dict
+    with one of point / box / polygon / region_mask (see `predict`)."""
+    if len(images) != len(questions):
+      raise InputError(f"{len(images)} images but {len(questions)} questions")
+    region_prompts = region_prompts or [None] * len(images)
+    mode = kwargs.get("mode") or self.mode
+    if template is None and mode == "reference":
+      template = "vicuna_v1"
+    samples = []
+    for image, question, prompt in zip(images, questions, region_prompts):
+      array = load_image(image)
+      region = region_from_prompt(array.shape[:2], **(prompt or {}))
+      samples.append(self.prepare(array, question, [] if region is None else [region],
+                                  template=template, max_new_tokens=max_new_tokens))
+    return self.run(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, **kwargs)
+
+
+def prediction_json(pred: Prediction) -> str:
+  """A compact JSON summary (no mask pixels)."""
+  return json.dumps({"text": pred.text, "seg_found": pred.seg_found, "forced": pred.forced,
+                     "masks": [{"shape": list(m.shape), "area": int(m.sum()), "score": s}
+                               for m, s in zip(pred.masks, pred.mask_scores)]})
