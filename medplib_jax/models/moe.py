@@ -192,7 +192,8 @@ class MoeFeedForward(nn.Module):
                            "top_k must be 1 or 2 and at most num_experts")
     unknown = set(self.lora_targets) - set(LORA_TARGETS) - {"q", "k", "v", "o"}
     if unknown:
-      raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; expert targets are {LORA_TARGETS}")
+      raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; "
+                           f"expert targets are {LORA_TARGETS}")
 
   def _expert_params(self):
     e, d, f, r = self.num_experts, self.width, self.mlp_dim, self.lora_rank
@@ -222,8 +223,9 @@ class MoeFeedForward(nn.Module):
     batch, length, width = x.shape
     num_tokens = batch * length
     tokens = x.reshape(num_tokens, width)
-    logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
-                      kernel_init=nn.with_logical_partitioning(_torch_linear_init, ("embed", None)),
+    router_init = nn.with_logical_partitioning(_torch_linear_init, ("embed", None))
+    logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
+                      param_dtype=self.param_dtype, kernel_init=router_init,
                       name="router")(tokens.astype(jnp.float32))
     params = self._expert_params()
 
