@@ -247,7 +247,7 @@ def main(argv=None):
     print(f"[aot_7b] {name}: {summary}", flush=True)
     payload = dict(name="aot_7b", what=__doc__.split("\n\n")[0],
                    command="make aot  (or: python -m bench.aot_7b --only train:8:fsdp)",
-                   targets_gib=TARGETS_GIB, seq_len=SEQ_LEN,
+                   targets_gib=TARGETS_GIB, seq_len=SEQ_LEN, planned=ALL_CONFIGS,
                    machine=dict(platform=platform.platform(), cpu_count=os.cpu_count()),
                    runs=[previous[n] for n in ALL_CONFIGS if n in previous],
                    written=time.strftime("%Y-%m-%dT%H:%M:%S"))
