@@ -19,7 +19,6 @@ sigmoid > 0.5) and ``reference`` (vicuna_v1 prompt, the reference crop, sigmoid 
 
 import dataclasses
 import io
-import json
 import os
 
 import jax
@@ -343,8 +342,18 @@ class MedPLIB:
     return self.run(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, **kwargs)
 
 
-def prediction_json(pred: Prediction) -> str:
-  """A compact JSON summary (no mask pixels)."""
-  return json.dumps({"text": pred.text, "seg_found": pred.seg_found, "forced": pred.forced,
-                     "masks": [{"shape": list(m.shape), "area": int(m.sum()), "score": s}
-                               for m, s in zip(pred.masks, pred.mask_scores)]})
+
+def mask_png(mask) -> bytes:
+  """bool [H, W] -> 8-bit PNG bytes (0 / 255)."""
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def overlay(image: np.ndarray, masks, colour=(255, 40, 40), alpha: float = 0.45) -> np.ndarray:
+  """uint8 RGB [H, W, 3] with each mask blended in `colour` -> uint8 RGB [H, W, 3]."""
+  out = image.astype(np.float32)
+  for m in masks:
+    m = np.asarray(m, bool)
+    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(colour, np.float32)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
