@@ -7,6 +7,9 @@ Run: .venv/bin/python -m bench.bench_generate  -> bench/results/generate.json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compute thread for XLA (and torch below): a like-for-like comparison on a shared machine.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -41,7 +44,7 @@ def build():
 
 
 def main():
-  torch.set_num_threads(os.cpu_count())  # the cores XLA may use too
+  torch.set_num_threads(1)
   hf, model, variables = build()
   rng = np.random.default_rng(0)
   lengths = rng.integers(PROMPT // 2, PROMPT + 1, size=BATCH)
@@ -75,7 +78,7 @@ def main():
   path = write_result(
       "generate",
       what=f"greedy generate, batch {BATCH}, left-padded prompts <= {PROMPT}, {NEW} new tokens, "
-           f"LLaMA {SIZE}, fp32 CPU (torch on all cores)",
+           f"LLaMA {SIZE}, fp32 CPU, one compute thread each",
       command="python -m bench.bench_generate",
       inputs=dict(**SIZE, batch=BATCH, prompt=PROMPT, new_tokens=NEW),
       timings={"generate": full, "prefill_plus_one_token": prefill},
