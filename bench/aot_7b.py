@@ -229,22 +229,36 @@ def main(argv=None):
   p.add_argument("--worker", help="compile one configuration in this process and print JSON")
   p.add_argument("--only", action="append", help=f"configurations to run (default all: {ALL_CONFIGS})")
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+  p.add_argument("--merge", nargs="*", default=[],
+                 help="files holding a worker's JSON line (from a separate `--worker` run) to add")
   args = p.parse_args(argv)
   if args.worker:
     print(json.dumps(worker(args.worker)))
     return
+  results = []
+  for path in args.merge:
+    with open(path) as f:
+      results.append(json.loads([l for l in f.read().splitlines() if l.startswith("{")][-1]))
+  names = [] if args.merge and not args.only else (args.only or ALL_CONFIGS)
+  write_results(results, names, args.timeout)
+
+
+def write_results(results: list[dict], names: list[str], timeout_s: float):
+  """Adds `results`, then runs and adds each of `names`, rewriting the JSON after each."""
   import platform
   previous = {}
   if os.path.exists(RESULTS):
     with open(RESULTS) as f:
       previous = {r["name"]: r for r in json.load(f).get("runs", [])}
-  for name in args.only or ALL_CONFIGS:
-    print(f"[aot_7b] {name} ...", flush=True)
-    result = run_one(name, args.timeout)
-    previous[name] = result
-    summary = result.get("error") or (f"{result['memory']['peak_gib_per_device']:.2f} GiB/device, "
-                                       f"compile {result['compile_s']:.0f} s")
-    print(f"[aot_7b] {name}: {summary}", flush=True)
+  previous.update({r["name"]: r for r in results})
+  for name in [None] + list(names):
+    if name is not None:
+      print(f"[aot_7b] {name} ...", flush=True)
+      result = run_one(name, timeout_s)
+      previous[name] = result
+      summary = result.get("error") or (f"{result['memory']['peak_gib_per_device']:.2f} GiB/device, "
+                                         f"compile {result['compile_s']:.0f} s")
+      print(f"[aot_7b] {name}: {summary}", flush=True)
     payload = dict(name="aot_7b", what=__doc__.split("\n\n")[0],
                    command="make aot  (or: python -m bench.aot_7b --only train:8:fsdp)",
                    targets_gib=TARGETS_GIB, seq_len=SEQ_LEN, planned=ALL_CONFIGS,
