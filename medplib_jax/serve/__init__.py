@@ -1,0 +1,1 @@
+"""`medplib serve`: a web page and a JSON API on one loaded model (server.py)."""
