@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const view = $("view"), overlay = $("overlay");
 const ctx = view.getContext("2d");
-let file = null, image = null, prompt = null, drag = null;
+let file = null, image = null, regionPrompt = null, drag = null;
 
 function tool() { return document.querySelector("input[name=tool]:checked").value; }
 
@@ -25,19 +25,19 @@ function imagePoint(ev) {
 function redraw() {
   if (!image) return;
   ctx.drawImage(image, 0, 0);
-  if (!prompt) return;
+  if (!regionPrompt) return;
   ctx.lineWidth = Math.max(2, view.width / 200);
   ctx.strokeStyle = "#34d399";
   ctx.fillStyle = "rgba(52, 211, 153, 0.25)";
-  if (prompt.point) {
-    const [x, y] = prompt.point;
+  if (regionPrompt.point) {
+    const [x, y] = regionPrompt.point;
     ctx.beginPath(); ctx.arc(x, y, ctx.lineWidth * 3, 0, 2 * Math.PI); ctx.fill(); ctx.stroke();
-  } else if (prompt.box) {
-    const [x0, y0, x1, y1] = prompt.box;
+  } else if (regionPrompt.box) {
+    const [x0, y0, x1, y1] = regionPrompt.box;
     ctx.fillRect(x0, y0, x1 - x0, y1 - y0); ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
-  } else if (prompt.polygon) {
+  } else if (regionPrompt.polygon) {
     ctx.beginPath();
-    prompt.polygon.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+    regionPrompt.polygon.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
     ctx.closePath(); ctx.fill(); ctx.stroke();
   }
 }
@@ -49,7 +49,7 @@ function clearOverlay() {
 
 $("image").addEventListener("change", () => {
   file = $("image").files[0] || null;
-  prompt = null;
+  regionPrompt = null;
   if (!file) return;
   const url = URL.createObjectURL(file);
   const img = new Image();
@@ -67,32 +67,32 @@ $("image").addEventListener("change", () => {
 });
 
 document.querySelectorAll("input[name=tool]").forEach((el) =>
-  el.addEventListener("change", () => { prompt = null; redraw(); }));
+  el.addEventListener("change", () => { regionPrompt = null; redraw(); }));
 
 view.addEventListener("mousedown", (ev) => {
   if (!image) return;
   const p = imagePoint(ev);
   const t = tool();
-  if (t === "point") prompt = { point: p };
-  else if (t === "box") { drag = p; prompt = { box: [p[0], p[1], p[0], p[1]] }; }
-  else if (t === "polygon") { drag = p; prompt = { polygon: [p] }; }
+  if (t === "point") regionPrompt = { point: p };
+  else if (t === "box") { drag = p; regionPrompt = { box: [p[0], p[1], p[0], p[1]] }; }
+  else if (t === "polygon") { drag = p; regionPrompt = { polygon: [p] }; }
   redraw();
 });
 
 view.addEventListener("mousemove", (ev) => {
   if (!drag) return;
   const p = imagePoint(ev);
-  if (prompt.box) {
-    prompt.box = [Math.min(drag[0], p[0]), Math.min(drag[1], p[1]),
+  if (regionPrompt.box) {
+    regionPrompt.box = [Math.min(drag[0], p[0]), Math.min(drag[1], p[1]),
                   Math.max(drag[0], p[0]), Math.max(drag[1], p[1])];
-  } else if (prompt.polygon) {
-    prompt.polygon.push(p);
+  } else if (regionPrompt.polygon) {
+    regionPrompt.polygon.push(p);
   }
   redraw();
 });
 
 window.addEventListener("mouseup", () => {
-  if (drag && prompt && prompt.polygon && prompt.polygon.length < 3) prompt = null;
+  if (drag && regionPrompt && regionPrompt.polygon && regionPrompt.polygon.length < 3) regionPrompt = null;
   drag = null;
   redraw();
 });
@@ -126,7 +126,7 @@ $("ask").addEventListener("click", async () => {
   const form = new FormData();
   form.append("image", file);
   form.append("question", $("question").value);
-  form.append("prompt", JSON.stringify(prompt || {}));
+  form.append("prompt", JSON.stringify(regionPrompt || {}));
   form.append("force_mask", $("force").checked ? "1" : "0");
   form.append("max_new_tokens", $("max-tokens").value);
   $("ask").disabled = true;
@@ -140,6 +140,7 @@ $("ask").addEventListener("click", async () => {
     $("answer").textContent = data.text || "(the model answered with special tokens only)";
     for (const m of data.masks) await drawMask(m.png_b64);
     overlay.dataset.rendered = data.masks.length ? "1" : "0";
+    overlay.dataset.area = data.masks.length ? String(data.masks[0].area) : "0";
     $("answer").dataset.state = "done";
     const masks = data.masks.length ? `, ${data.masks.length} mask(s)${data.forced ? " (forced)" : ""}` : "";
     setStatus(`answered in ${data.elapsed_s.toFixed(2)} s${masks}`);
