@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from configs.common import ADDED_TOKENS
 from medplib_jax.config_loading import load_config
 from medplib_jax.data.tokenizer import train_tokenizer
 from medplib_jax.train import checkpointing, trainer
@@ -34,14 +35,10 @@ def make_tiny_checkpoint(root: str, seed: int = 0) -> str:
   variables = jax.jit(lambda r: model.init(r, trainer.dummy_batch(cfg), deterministic=True))(rngs)
   params = jax.tree.map(np.asarray, nn.unbox(variables["params"]))
   path = checkpointing.export_params(root, params, cfg)
-  train_tokenizer(_CORPUS, os.path.join(path, "tokenizer"), vocab_size=cfg.model.llm.vocab_size
-                  - _num_added_tokens())
+  # The base vocabulary; load_tokenizer appends MedPLIB's tokens up to llm.vocab_size.
+  train_tokenizer(_CORPUS, os.path.join(path, "tokenizer"),
+                  vocab_size=cfg.model.llm.vocab_size - len(ADDED_TOKENS))
   return path
-
-
-def _num_added_tokens() -> int:
-  from configs.common import ADDED_TOKENS
-  return len(ADDED_TOKENS)
 
 
 def write_image(path: str, hw=(60, 90), seed: int = 0) -> str:

@@ -80,6 +80,7 @@ class Worker:
   def __init__(self, model: api.MedPLIB, limits: Limits):
     self.model, self.limits = model, limits
     self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queue)
+    self._held: list[Job] = []  # taken from the queue, waiting for a batch with their settings
     self._thread = threading.Thread(target=self._loop, name="medplib-worker", daemon=True)
     self._thread.start()
 
@@ -89,20 +90,25 @@ class Worker:
     except queue.Full:
       raise HttpError(503, f"server busy: {self.limits.max_queue} requests already queued") from None
 
+  def _next(self, block: bool):
+    if self._held:
+      return self._held.pop(0)
+    return self.jobs.get() if block else self.jobs.get_nowait()
+
   def _loop(self):
     while True:
-      first = self.jobs.get()
-      batch = [first]
-      deferred = []
-      while len(batch) < self.limits.max_batch:
+      first = self._next(block=True)
+      batch, held = [first], []
+      while len(batch) + len(held) < self.limits.max_batch:
         try:
-          job = self.jobs.get_nowait()
+          job = self._next(block=False)
         except queue.Empty:
           break
         same = (job.max_new_tokens, job.force_mask) == (first.max_new_tokens, first.force_mask)
-        (batch if same else deferred).append(job)
-      for job in deferred:  # different settings: back of the queue, next round
-        self.jobs.put(job)
+        (batch if same else held).append(job)
+      # Jobs with other settings run next round, ahead of the queue (never re-queued, which
+      # could block this, the only consumer, on a full queue).
+      self._held = held + self._held
       self._run(batch)
 
   def _run(self, batch: list[Job]):
