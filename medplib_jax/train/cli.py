@@ -41,6 +41,8 @@ def dry_run(cfg) -> dict:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # Multi-process jobs (launch/*.py, SLURM, TPU pods) must connect before any device is touched.
+  sharding.maybe_initialize_distributed()
   try:
     cfg = load_config(args.config, args.extra)
   except (ValueError, FileNotFoundError) as e:
