@@ -77,7 +77,10 @@ def moe_config(num_experts=1):
   return ml_collections.ConfigDict(dict(
       num_experts=num_experts, top_k=1, dispatch="capacity",  # or "dropless"
       capacity_factor_train=1.5, capacity_factor_eval=2.0, min_capacity=4,
-      random_token_selection=True, aux_loss_coef=0.0, expert_axis="expert"))
+      random_token_selection=True, aux_loss_coef=0.0, expert_axis="expert",
+      # Routing groups: contiguous blocks of the batch routed (capacity included) on their own.
+      # 1 = the whole batch; 0 = one group per batch shard of the mesh (DeepSpeed's per-rank gate).
+      routing_groups=1))
 
 
 # Stock segment_anything image encoders at 1024 px (no adapters), so original SAM weights load too.

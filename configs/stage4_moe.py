@@ -19,4 +19,7 @@ def get_config(arg=None):
   c.optim.update(lr=3e-4, epochs=3)
   if size == "7b":
     c.data.max_length = 1024
+    # Route each data-parallel shard's sequences on their own (DeepSpeed gates per rank): expert
+    # buffers and work then stay per-device instead of spanning the global batch.
+    c.model.moe.routing_groups = 0
   return c

@@ -185,6 +185,7 @@ class DecoderLayer(nn.Module):
           dispatch=moe.dispatch, capacity_factor_train=moe.capacity_factor_train,
           capacity_factor_eval=moe.capacity_factor_eval, min_capacity=moe.min_capacity,
           random_token_selection=moe.random_token_selection,
+          routing_groups=moe.get("routing_groups", 1),
           lora_rank=int(lora.rank) if ffn_targets else 0,
           lora_alpha=float(lora.alpha) if lora is not None else 16.0,
           lora_dropout=float(lora.dropout) if lora is not None else 0.0,

@@ -5,8 +5,8 @@ being a LLaMA SwiGLU FFN `down(silu(x @ gate) * (x @ up))` with weights stacked 
 axis. Two dispatch modes:
 
 * ``capacity`` (the reference semantics): each expert takes at most
-  `expert_capacity(tokens, experts, k, factor, min_capacity)` tokens, counted over the whole
-  flattened batch (padding included); the rest are dropped (FFN output 0, the residual carries
+  `expert_capacity(tokens, experts, k, factor, min_capacity)` tokens, counted over each routing
+  group's tokens (padding included); the rest are dropped (FFN output 0, the residual carries
   them). Which routed tokens are kept is decided by DeepSpeed's random token selection (random
   priority from the 'router' RNG stream, training only) or by position order.
 * ``dropless``: assignments sorted by expert and run through one grouped matmul
@@ -14,10 +14,22 @@ axis. Two dispatch modes:
 
 With a current mesh whose ``expert`` axis has size > 1 the experts run expert-parallel inside
 `jax.shard_map` (capacity mode: DeepSpeed's all-to-all exchange; dropless mode: each device runs
-its own experts on the tokens it holds, then a sum over the expert axis). Routing decisions are
-always taken over the global batch, so every mesh layout gives the same numbers.
+its own experts on the tokens it holds, then a sum over the expert axis).
+
+Routing groups (GShard / MaxText; DeepSpeed's per-rank gating): the batch is split into
+`routing_groups` contiguous blocks of sequences, each routed with its own capacity, so the
+dispatch buffers are [G, E, C, D] with G on the batch shards and no buffer spans the global
+batch. `routing_groups=1` routes the whole batch at once (one replica of the reference);
+`routing_groups=0` takes one group per batch shard of the current mesh (each data-parallel rank
+gates its own micro-batch, as DeepSpeed does). Groups are blocks of the batch, not of the mesh,
+so a fixed group count gives the same numbers on every mesh layout.
+
+Few tokens (a decode step): each token runs with its routed expert's weights gathered, so only
+the routed experts' weights are read (`gather_max_tokens`).
 """
 
+import math
+from functools import partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -134,21 +146,32 @@ def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key,
 
 
 def _buffer_matmul(h, w):
-  return jnp.einsum("ecd,edf->ecf", h, w)
+  return jnp.einsum("...ecd,edf->...ecf", h, w)
 
 
-def _dispatch_combine(x, expert_index, slot, kept, weight, num_experts, capacity, expert_fn):
-  """Capacity dispatch: tokens [T, D] -> expert buffers [E, C, D] -> expert_fn -> [T, D].
+def _token_matmul(h, w):
+  """Each row with its own weights: h [T, D], w [T, D, F] -> [T, F] (the gathered path)."""
+  return jnp.einsum("td,tdf->tf", h, w)
 
-  slot [T, k] is each assignment's row in its expert's buffer (< C where kept); the output is
-  the combine-weighted sum of the assignments' expert outputs.
+
+def _dispatch(x, expert_index, slot, kept, num_experts, capacity):
+  """Capacity dispatch: tokens [T, D] -> (expert buffers [E, C, D], rows [T, k]).
+
+  slot [T, k] is each assignment's row in its expert's buffer (< C where kept); `rows` is its
+  row in the flattened [E * C] buffer, E * C (past the end) where dropped.
   """
-  flat = jnp.where(kept, expert_index * capacity + slot, num_experts * capacity)  # dump row last
-  tokens = jnp.broadcast_to(x[:, None, :], flat.shape + x.shape[-1:])
+  rows = jnp.where(kept, expert_index * capacity + slot, num_experts * capacity)  # dump row last
+  tokens = jnp.broadcast_to(x[:, None, :], rows.shape + x.shape[-1:])
   buffer = jnp.zeros((num_experts * capacity + 1, x.shape[-1]), x.dtype)
-  buffer = buffer.at[flat.reshape(-1)].set(tokens.reshape(-1, x.shape[-1]))
-  out = expert_fn(buffer[:-1].reshape(num_experts, capacity, -1)).reshape(num_experts * capacity, -1)
-  gathered = out[jnp.minimum(flat, num_experts * capacity - 1)]  # [T, k, D]
+  buffer = buffer.at[rows.reshape(-1)].set(tokens.reshape(-1, x.shape[-1]))
+  return buffer[:-1].reshape(num_experts, capacity, -1), rows
+
+
+def _combine(out, rows, weight):
+  """Expert outputs [E, C, D] -> tokens [T, D]: the combine-weighted sum of each token's
+  assignments (a dropped one has weight 0, its clamped row is never used)."""
+  out = out.reshape(-1, out.shape[-1])
+  gathered = out[jnp.minimum(rows, out.shape[0] - 1)]  # [T, k, D]
   return jnp.einsum("tk,tkd->td", weight.astype(out.dtype), gathered)
 
 
@@ -157,15 +180,31 @@ def _mesh_axis_sizes():
   return {} if mesh.empty else dict(mesh.shape)
 
 
+def batch_shards() -> int:
+  """Devices the `batch` logical axis is split over under the current mesh and rules (1 when
+  there is no mesh): the number of routing groups `routing_groups=0` asks for."""
+  sizes = _mesh_axis_sizes()
+  axes = dict(nn.get_logical_axis_rules()).get("batch")
+  if not sizes or axes is None:
+    return 1
+  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+  return int(np.prod([sizes.get(a, 1) for a in axes]))
+
+
 class MoeFeedForward(nn.Module):
   """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats).
 
-  stats: {"aux_loss": [] (load-balancing loss, unscaled; the trainer multiplies it by
-  `moe.aux_loss_coef`), "tokens_per_expert": [E] (routed before dropping),
-  "dropped_fraction": []}.
+  Routing groups: the batch is split into G contiguous blocks of B / G sequences
+  (`routing_groups`; 0 = one per batch shard of the current mesh); each group is routed, and its
+  capacity counted, on its own, as if it were a separate call. G = 1 routes the whole batch.
+  stats: {"aux_loss": [] (load-balancing loss, mean over groups, unscaled; the trainer multiplies
+  it by `moe.aux_loss_coef`), "tokens_per_expert": [E] (routed before dropping, summed over
+  groups), "dropped_fraction": []}.
   Params: router/kernel [D, E]; gate_proj, up_proj [E, D, F]; down_proj [E, F, D]; with LoRA on a
   target, `<proj>_lora_a` [E, in, r] and `<proj>_lora_b` [E, r, out] (zeros).
   RNG streams when not deterministic: 'router' (random token selection), 'dropout' (LoRA).
+  A call with at most `gather_max_tokens` tokens (decode) and no expert-parallel mesh axis runs
+  each token with its routed experts' weights gathered (reads only those experts' weights).
   """
   width: int
   mlp_dim: int
@@ -176,6 +215,8 @@ class MoeFeedForward(nn.Module):
   capacity_factor_eval: float = 2.0
   min_capacity: int = 4
   random_token_selection: bool = True
+  routing_groups: int = 1
+  gather_max_tokens: int = 8
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -190,10 +231,23 @@ class MoeFeedForward(nn.Module):
     if self.top_k not in (1, 2) or self.top_k > self.num_experts:
       raise MoeConfigError(f"moe.top_k={self.top_k} with {self.num_experts} experts; "
                            "top_k must be 1 or 2 and at most num_experts")
+    if self.routing_groups < 0:
+      raise MoeConfigError(f"moe.routing_groups={self.routing_groups}; use a positive group count "
+                           "or 0 for one group per batch shard")
     unknown = set(self.lora_targets) - set(LORA_TARGETS) - {"q", "k", "v", "o"}
     if unknown:
       raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; "
                            f"expert targets are {LORA_TARGETS}")
+
+  def _num_groups(self, batch):
+    if self.routing_groups == 0:
+      # A batch smaller than the shard count (e.g. decode on a data-parallel mesh) or not a
+      # multiple of it gets the largest group count that divides it.
+      return math.gcd(batch, batch_shards())
+    if batch % self.routing_groups:
+      raise MoeConfigError(f"moe.routing_groups={self.routing_groups} does not divide the batch "
+                           f"of {batch} sequences")
+    return self.routing_groups
 
   def _expert_params(self):
     e, d, f, r = self.num_experts, self.width, self.mlp_dim, self.lora_rank
@@ -221,24 +275,28 @@ class MoeFeedForward(nn.Module):
   def __call__(self, x, deterministic: bool):
     self._check()
     batch, length, width = x.shape
-    num_tokens = batch * length
-    tokens = x.reshape(num_tokens, width)
+    groups = self._num_groups(batch)
+    group_tokens = batch // groups * length
+    # The group axis carries the batch sharding only when the batch shards divide it evenly.
+    group_axis = "batch" if groups % batch_shards() == 0 else None
+    tokens = nn.with_logical_constraint(x.reshape(groups, group_tokens, width),
+                                        (group_axis, None, "act_embed"))
     router_init = nn.with_logical_partitioning(_torch_linear_init, ("embed", None))
     logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
                       param_dtype=self.param_dtype, kernel_init=router_init,
-                      name="router")(tokens.astype(jnp.float32))
+                      name="router")(tokens.astype(jnp.float32))  # [G, S, E]
     params = self._expert_params()
 
+    capacity, noise = None, None
     if self.dispatch == "capacity":
       factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
-      capacity = expert_capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
-      noise = None
+      capacity = expert_capacity(group_tokens, self.num_experts, self.top_k, factor,
+                                 self.min_capacity)
       if self.random_token_selection and not deterministic:
-        noise = jax.random.uniform(self.make_rng("router"), (num_tokens, self.top_k))
-      routing = route(logits, top_k=self.top_k, capacity=capacity, priority_noise=noise)
-    else:
-      capacity = None
-      routing = route(logits, top_k=self.top_k, capacity=None)
+        keys = jax.random.split(self.make_rng("router"), groups)  # one selection key per group
+        noise = jax.vmap(lambda k: jax.random.uniform(k, (group_tokens, self.top_k)))(keys)
+    routing = jax.vmap(lambda lg, nz: route(lg, top_k=self.top_k, capacity=capacity,
+                                            priority_noise=nz))(logits, noise)
 
     dropout_key = None
     if not deterministic and self.lora_dropout > 0.0 and self.lora_rank > 0:
@@ -246,39 +304,62 @@ class MoeFeedForward(nn.Module):
     ffn = dict(lora_scale=self.lora_alpha / max(self.lora_rank, 1), lora_dropout=self.lora_dropout,
                dtype=self.dtype)
     tokens = tokens.astype(self.dtype)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
     expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)
-    if self.dispatch == "capacity":
-      if expert_parallel > 1:
-        y = self._capacity_expert_parallel(tokens, routing, params, capacity, dropout_key, ffn)
-      else:
-        y = self._capacity_local(tokens, routing, params, capacity, dropout_key, ffn)
+    if batch * length <= self.gather_max_tokens and expert_parallel == 1:
+      y = self._gathered(flat(tokens), flat(routing.expert_index), flat(routing.combine_weight),
+                         params, dropout_key, ffn)
+    elif self.dispatch == "capacity" and expert_parallel > 1:
+      y = self._capacity_expert_parallel(flat(tokens), flat(routing.expert_index),
+                                         flat(routing.kept), flat(routing.combine_weight), params,
+                                         capacity, dropout_key, ffn)
+    elif self.dispatch == "capacity":
+      y = self._capacity_local(tokens, routing, params, capacity, group_axis, dropout_key, ffn)
     elif expert_parallel > 1:
-      y = self._dropless_expert_parallel(tokens, routing, params, dropout_key, ffn)
+      y = self._dropless_expert_parallel(flat(tokens), flat(routing.expert_index),
+                                         flat(routing.combine_weight), params, dropout_key, ffn)
     else:
       y = self._dropless_local(tokens, routing, params, dropout_key, ffn)
 
     y = nn.with_logical_constraint(y.reshape(batch, length, width).astype(self.dtype),
                                    ("batch", "length", "act_embed"))
-    stats = {"aux_loss": routing.aux_loss, "tokens_per_expert": routing.tokens_per_expert,
-             "dropped_fraction": routing.dropped_fraction}
+    stats = {"aux_loss": routing.aux_loss.mean(), "tokens_per_expert": routing.tokens_per_expert.sum(0),
+             "dropped_fraction": routing.dropped_fraction.mean()}
     return y, stats
+
+  # -- few tokens (decode) ---------------------------------------------------------------------
+
+  def _gathered(self, tokens, expert_index, weight, params, dropout_key, ffn):
+    """Each assignment runs with its own expert's weights, gathered [T * k, D, F]: a decode step
+    reads only the routed experts' weights instead of all of them. Same numbers as the buffer
+    paths, capacity included: a dropped assignment has combine weight 0 there and here."""
+    num_tokens, top_k = expert_index.shape
+    chosen = expert_index.reshape(-1)
+    picked = {name: jnp.take(w, chosen, axis=0) for name, w in params.items()}
+    h = jnp.repeat(tokens, top_k, axis=0)  # token-major, as `chosen`
+    out = _swiglu_experts(picked, h, _token_matmul, dropout_key=dropout_key, **ffn)
+    out = out.reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tk,tkd->td", weight.astype(out.dtype), out)
 
   # -- capacity mode ---------------------------------------------------------------------------
 
-  def _capacity_local(self, tokens, routing, params, capacity, dropout_key, ffn):
-    buffer_rows = min(capacity, tokens.shape[0])  # an expert never receives more than T tokens
+  def _capacity_local(self, tokens, routing, params, capacity, group_axis, dropout_key, ffn):
+    """Per group: scatter into [E, C, D] buffers, so the buffers are [G, E, C, D] with the groups
+    on the batch shards and the experts on `act_exp`; batched expert einsums; gather back."""
+    buffer_rows = min(capacity, tokens.shape[1])  # an expert never receives more than S tokens
+    buffers, rows = jax.vmap(partial(_dispatch, num_experts=self.num_experts, capacity=buffer_rows))(
+        tokens, routing.expert_index, routing.rank, routing.kept)
+    buffers = nn.with_logical_constraint(buffers, (group_axis, "act_exp", None, "act_embed"))
+    out = _swiglu_experts(params, buffers, _buffer_matmul, dropout_key=dropout_key, **ffn)
+    out = nn.with_logical_constraint(out, (group_axis, "act_exp", None, "act_embed"))
+    return jax.vmap(_combine)(out, rows, routing.combine_weight)
 
-    def run(h):
-      h = nn.with_logical_constraint(h, ("act_exp", None, "act_embed"))
-      return _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
-
-    return _dispatch_combine(tokens, routing.expert_index, routing.rank, routing.kept,
-                             routing.combine_weight, self.num_experts, buffer_rows, run)
-
-  def _capacity_expert_parallel(self, tokens, routing, params, capacity, dropout_key, ffn):
+  def _capacity_expert_parallel(self, tokens, expert_index, kept, weight, params, capacity,
+                                dropout_key, ffn):
     """DeepSpeed's exchange: each device fills [E, C_local, D] buffers with its kept tokens,
     all-to-all over the expert axis gives each device its experts' tokens from every peer, the
-    experts run, and a second all-to-all returns the outputs. Keep/drop was decided globally."""
+    experts run, and a second all-to-all returns the outputs. Keep/drop was decided per routing
+    group before; tokens [T, D] and the routing arrays [T, k] are the groups flattened."""
     sizes = _mesh_axis_sizes()
     ep = sizes[self.expert_axis]
     if self.num_experts % ep:
@@ -288,8 +369,8 @@ class MoeFeedForward(nn.Module):
     if self.expert_axis not in token_axes:
       token_axes = token_axes + (self.expert_axis,)
     shards = int(np.prod([sizes[a] for a in token_axes]))
-    tokens, expert_index, kept, weight = _pad_tokens(
-        shards, tokens, routing.expert_index, routing.kept, routing.combine_weight)
+    num_tokens = tokens.shape[0]
+    tokens, expert_index, kept, weight = _pad_tokens(shards, tokens, expert_index, kept, weight)
     local_tokens = tokens.shape[0] // shards
     buffer_rows = min(capacity, local_tokens)
     num_experts, axis = self.num_experts, self.expert_axis
@@ -302,35 +383,42 @@ class MoeFeedForward(nn.Module):
       slot = slot.sum(-1).reshape(e_idx.shape[1], -1).T
       if key is not None:
         key = jax.random.fold_in(key, _linear_axis_index(token_axes))
-
-      def run(h):
-        h = jax.lax.all_to_all(h, axis, 0, 1, tiled=True)
-        h = _swiglu_experts(p, h, _buffer_matmul, dropout_key=key, **ffn)
-        return jax.lax.all_to_all(h, axis, 1, 0, tiled=True)
-
-      return _dispatch_combine(x, e_idx, slot, keep, w, num_experts, buffer_rows, run)
+      h, rows = _dispatch(x, e_idx, slot, keep, num_experts, buffer_rows)
+      h = jax.lax.all_to_all(h, axis, 0, 1, tiled=True)
+      h = _swiglu_experts(p, h, _buffer_matmul, dropout_key=key, **ffn)
+      h = jax.lax.all_to_all(h, axis, 1, 0, tiled=True)
+      return _combine(h, rows, w)
 
     param_specs = {name: P(axis) for name in params}
     y = jax.shard_map(
         per_device,
         in_specs=(P(token_axes), P(token_axes), P(token_axes), P(token_axes), param_specs, P()),
         out_specs=P(token_axes))(tokens, expert_index, kept, weight, params, dropout_key)
-    return y[:routing.kept.shape[0]]
+    return y[:num_tokens]
 
   # -- dropless mode ---------------------------------------------------------------------------
 
   def _dropless_local(self, tokens, routing, params, dropout_key, ffn):
-    top_k, num_tokens = self.top_k, tokens.shape[0]
-    sorted_tokens = tokens[routing.order % num_tokens]
+    """Assignments of every group sorted by expert through one grouped matmul (`ragged_dot`).
+
+    Nothing is dropped, so groups only shape the stats: the sort spans all tokens of the call
+    (`ragged_dot` has no batched form over groups). Sharded training should use capacity
+    dispatch or the expert-parallel dropless path, which keeps tokens per device."""
+    groups, group_tokens, width = tokens.shape
+    top_k, num_tokens = self.top_k, groups * group_tokens
+    # Choice-major assignment ids a = choice * T + token over the flattened groups.
+    assign_expert = routing.expert_index.reshape(num_tokens, top_k).T.reshape(-1)
+    order = jnp.argsort(assign_expert, stable=True)
+    sorted_tokens = tokens.reshape(num_tokens, width)[order % num_tokens]
     out = _swiglu_experts(
         params, sorted_tokens,
-        lambda h, w: jax.lax.ragged_dot(h, w, routing.tokens_per_expert),
+        lambda h, w: jax.lax.ragged_dot(h, w, routing.tokens_per_expert.sum(0)),
         dropout_key=dropout_key, **ffn)
-    per_assignment = jnp.zeros_like(out).at[routing.order].set(out)
-    per_assignment = per_assignment.reshape(top_k, num_tokens, -1)
-    return jnp.einsum("tk,ktd->td", routing.combine_weight.astype(out.dtype), per_assignment)
+    per_assignment = jnp.zeros_like(out).at[order].set(out).reshape(top_k, num_tokens, -1)
+    weight = routing.combine_weight.reshape(num_tokens, top_k)
+    return jnp.einsum("tk,ktd->td", weight.astype(out.dtype), per_assignment)
 
-  def _dropless_expert_parallel(self, tokens, routing, params, dropout_key, ffn):
+  def _dropless_expert_parallel(self, tokens, expert_index, weight, params, dropout_key, ffn):
     """Tokens are replicated over the expert axis (the `batch` rule does not use it), so each
     device runs its own experts on every token of its shard routed there; a sum over the expert
     axis assembles the output. Ragged groups need no fixed-size exchange this way."""
@@ -342,8 +430,8 @@ class MoeFeedForward(nn.Module):
                            f"{axis!r} of size {ep}")
     token_axes = tuple(a for a in _TOKEN_AXES if a != axis and sizes.get(a, 1) > 1)
     shards = int(np.prod([sizes[a] for a in token_axes]))
-    tokens, expert_index, _, weight = _pad_tokens(
-        shards, tokens, routing.expert_index, routing.kept, routing.combine_weight)
+    num_tokens = tokens.shape[0]
+    tokens, expert_index, weight = _pad_tokens(shards, tokens, expert_index, weight)
     local_experts, top_k = self.num_experts // ep, self.top_k
 
     def per_device(x, e_idx, w, p, key):
@@ -367,17 +455,16 @@ class MoeFeedForward(nn.Module):
     param_specs = {name: P(axis) for name in params}
     y = jax.shard_map(per_device, in_specs=(spec, spec, spec, param_specs, P()),
                       out_specs=spec)(tokens, expert_index, weight, params, dropout_key)
-    return y[:routing.kept.shape[0]]
+    return y[:num_tokens]
 
 
-def _pad_tokens(shards, tokens, expert_index, kept, weight):
-  """Pads the token axis to a multiple of `shards` with dropped, zero-weight tokens."""
-  pad = -tokens.shape[0] % shards
+def _pad_tokens(shards, *arrays):
+  """Pads the token axis (0) of each array to a multiple of `shards` with zeros: a padded token
+  has combine weight 0 (and is dropped where `kept` is among the arrays)."""
+  pad = -arrays[0].shape[0] % shards
   if not pad:
-    return tokens, expert_index, kept, weight
-  widths = lambda a: [(0, pad)] + [(0, 0)] * (a.ndim - 1)  # noqa: E731
-  return (jnp.pad(tokens, widths(tokens)), jnp.pad(expert_index, widths(expert_index)),
-          jnp.pad(kept, widths(kept)), jnp.pad(weight, widths(weight)))
+    return arrays
+  return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays)
 
 
 def _linear_axis_index(axes):
