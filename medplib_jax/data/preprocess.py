@@ -50,7 +50,7 @@ def sub_region(grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   areas = np.bincount(labels.ravel())[1:]
   component = labels == (int(np.argmax(areas)) + 1)
   area = int(areas.max())
-  if area < SUB_REGION_MIN_CELLS:
+  if area <= SUB_REGION_MIN_CELLS:  # the reference's `<` loops forever at exactly the minimum
     return component
   target = 0
   while target < SUB_REGION_MIN_CELLS:

@@ -189,3 +189,12 @@ def generation_prompt(conversations: list[dict], template: Template | str = "lla
   roles = {HUMAN: template.roles[0], GPT: template.roles[1]}
   turns = [(roles[t["from"]], str(t["value"])) for t in convs] + [(template.roles[1], None)]
   return template.prompt(turns)
+
+
+def template_texts() -> list[str]:
+  """The fixed text of every template, for a tokenizer's training corpus."""
+  out = []
+  for t in TEMPLATES.values():
+    if not t.plain:
+      out.append(t.prompt([(t.roles[0], "Q"), (t.roles[1], "A")]))
+  return out

@@ -14,6 +14,7 @@ The tiny default is a LLaMA-style byte-fallback BPE (SentencePiece-like `▁` wo
 import dataclasses
 import functools
 import os
+import re
 
 from configs.common import ADDED_TOKENS
 
@@ -128,7 +129,9 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
   learned = vocab_size - fixed
   if learned <= 0:
     raise TokenizerError(f"vocab_size {vocab_size} leaves no room beyond {fixed} fixed tokens")
-  texts = list(texts)
+  # MedPLIB's tokens are added after the base vocabulary, so they must not be learned as pieces.
+  marker = re.compile("|".join(re.escape(t) for t in (IMAGE_TOKEN,) + tuple(ADDED_TOKENS)))
+  texts = [marker.sub(" ", t) for t in texts]
   # A few spare pieces in case a learned piece spells a byte token literally.
   trainer = trainers.BpeTrainer(vocab_size=len(_SPECIALS) + learned + 16, special_tokens=list(_SPECIALS),
                                 limit_alphabet=min(200, learned), show_progress=False)
