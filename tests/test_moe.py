@@ -114,10 +114,13 @@ FORCED_LOGITS = np.array([[2.0, 0.0], [1.0, -1.0], [0.5, 2.5], [3.0, 0.0],
 
 # ---- capacity mode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_capacity_matches_deepspeed_rule(top_k):
+@pytest.mark.parametrize("top_k,gather_max_tokens", [(1, 0), (2, 0), (1, 8), (2, 8)],
+                         ids=["top1-buffers", "top2-buffers", "top1-gathered", "top2-gathered"])
+def test_capacity_matches_deepspeed_rule(top_k, gather_max_tokens):
+  # 8 tokens: gather_max_tokens=8 takes the gathered-weights (decode) path, 0 the buffers.
   module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, top_k=top_k,
                           capacity_factor_eval=0.5, min_capacity=1, random_token_selection=False,
+                          gather_max_tokens=gather_max_tokens,
                           lora_rank=2, lora_alpha=4.0, lora_targets=("gate", "down"))
   x = tokens(1, (2, 4, WIDTH))
   flat = np.asarray(x.reshape(8, WIDTH), np.float64)
@@ -136,6 +139,72 @@ def test_capacity_matches_deepspeed_rule(top_k):
   assert float(stats["dropped_fraction"]) > 0.0
   dropped = combine.sum((1, 2)) == 0
   np.testing.assert_array_equal(np.asarray(y).reshape(8, WIDTH)[dropped], 0.0)
+
+
+def test_routing_groups_match_deepspeed_rule_per_group():
+  """routing_groups=2: the numpy TopKGate applied to each block of 2 sequences on its own
+  (capacity 2 per group, where the whole batch of 16 tokens would give capacity 4)."""
+  width = 16
+  module = MoeFeedForward(width=width, mlp_dim=MLP, num_experts=2, routing_groups=2,
+                          capacity_factor_eval=0.5, min_capacity=1, random_token_selection=False)
+  x = tokens(11, (4, 4, width))
+  flat = np.asarray(x.reshape(16, width), np.float64)
+  # Group 0 as FORCED_LOGITS (6 tokens on expert 0), group 1 the mirror image (6 on expert 1).
+  logits = np.concatenate([FORCED_LOGITS, FORCED_LOGITS[:, ::-1]])
+  params = with_router_logits(make_params(module, x), flat, logits)
+  y, stats = jax.jit(module.apply, static_argnums=2)({"params": params}, x, True)
+
+  want, l_aux, counts = [], [], []
+  for g in range(2):
+    combine, aux, exp_counts = np_top1gating(logits[8 * g:8 * g + 8], 0.5, 1)
+    want.append(np_moe_layer(params, flat[8 * g:8 * g + 8], combine))
+    l_aux.append(aux)
+    counts.append(exp_counts)
+  np.testing.assert_allclose(np.asarray(y).reshape(16, width), np.concatenate(want),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats["aux_loss"], np.mean(l_aux), rtol=1e-5)
+  np.testing.assert_array_equal(stats["tokens_per_expert"], np.sum(counts, 0))
+  # Each group drops 4 of its 6 tokens on the crowded expert; one group of 16 would drop 0 + 4.
+  np.testing.assert_allclose(stats["dropped_fraction"], 8 / 16, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_routing_groups_equal_separate_calls(dispatch):
+  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=2, dispatch=dispatch,
+                          capacity_factor_train=0.5, min_capacity=1, random_token_selection=False,
+                          gather_max_tokens=0, lora_rank=2, lora_targets=("up",))
+  x = tokens(12, (6, 3, WIDTH))
+  params = make_params(module, x)
+  params["router"]["kernel"] = 3.0 * params["router"]["kernel"]  # uneven loads: drops in capacity
+  apply = jax.jit(lambda m, x: m.apply({"params": params}, x, False), static_argnums=0)
+  y, stats = apply(module.clone(routing_groups=3), x)
+  parts = [apply(module, x[2 * g:2 * g + 2]) for g in range(3)]
+  np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["aux_loss"], np.mean([p[1]["aux_loss"] for p in parts]),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(stats["tokens_per_expert"],
+                                np.sum([p[1]["tokens_per_expert"] for p in parts], 0))
+  np.testing.assert_allclose(stats["dropped_fraction"],
+                             np.mean([p[1]["dropped_fraction"] for p in parts]), rtol=1e-6)
+  if dispatch == "capacity":
+    assert float(stats["dropped_fraction"]) > 0.0
+
+
+@pytest.mark.parametrize("dispatch,top_k", [("capacity", 1), ("capacity", 2), ("dropless", 2)])
+def test_gathered_decode_path_equals_buffers(dispatch, top_k):
+  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=top_k, dispatch=dispatch,
+                          lora_rank=2, lora_targets=("gate", "up", "down"))
+  x = tokens(13, (3, 2, WIDTH))  # 6 tokens: under the default gather_max_tokens of 8
+  params = make_params(module, x)
+  apply = jax.jit(lambda m, x: m.apply({"params": params}, x, True), static_argnums=0)
+  y_gathered, stats = apply(module, x)
+  y_buffers, stats_buffers = apply(module.clone(gather_max_tokens=0), x)
+  # float32 sums in another order (outputs up to ~100 here)
+  np.testing.assert_allclose(y_gathered, y_buffers, rtol=1e-4, atol=1e-5 * np.abs(y_buffers).max())
+  jax.tree.map(np.testing.assert_array_equal, stats, stats_buffers)
+  # The gathered path reads experts with a gather, the buffer path with batched einsums.
+  text = jax.jit(lambda x: module.apply({"params": params}, x, True)).lower(x).as_text()
+  assert "gather" in text and "ecd,edf" not in text
 
 
 def test_capacity_formula():
@@ -225,11 +294,14 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_sharded_equals_single_device(dispatch):
+@pytest.mark.parametrize("dispatch,routing_groups", [("capacity", 1), ("dropless", 1),
+                                                     ("capacity", 2)])
+def test_sharded_equals_single_device(dispatch, routing_groups):
+  # A fixed group count gives the same numbers on every layout (2 groups on 4, 8 or 1 batch
+  # shards): groups are blocks of the batch, not of the mesh.
   module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=2, dispatch=dispatch,
                           capacity_factor_train=0.6, min_capacity=1, lora_rank=2,
-                          lora_targets=("gate",))
+                          routing_groups=routing_groups, lora_targets=("gate",))
   x = tokens(5, (4, 5, WIDTH))  # 20 tokens: not a multiple of 8, so the token padding is used
   params = make_params(module, x)
 
@@ -254,6 +326,27 @@ def test_sharded_equals_single_device(dispatch):
     # float32 sums in another order: tolerance relative to each gradient's scale
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
                  grads1, grads0)
+
+
+def test_one_group_per_batch_shard_keeps_expert_work_per_device():
+  """routing_groups=0 on 8 fsdp shards: 8 groups, one per device, so each device runs the
+  experts on its own tokens; one global group makes every device run them on all tokens."""
+  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, routing_groups=0)
+  x = tokens(14, (8, 16, WIDTH))
+  params = make_params(module, x)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=8, expert=1, tensor=1))
+  flops = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    assert module._num_groups(8) == 8 and module._num_groups(1) == 1  # decode batch 1: 1 group
+    x_sharded = jax.device_put(x, sharding.batch_sharding(mesh, 3, LOGICAL_AXIS_RULES))
+    for groups in (0, 1):
+      fn = jax.jit(lambda p, x, m=module.clone(routing_groups=groups): m.apply({"params": p}, x, False,
+                                                       rngs={"router": jax.random.key(0)})[0])
+      cost = fn.lower(params, x_sharded).compile().cost_analysis()
+      flops[groups] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+      y = fn(params, x_sharded)
+  assert flops[0] < flops[1] / 4, flops
+  assert y.shape == x.shape
 
 
 def test_expert_parallel_uses_all_to_all():
@@ -291,6 +384,11 @@ def test_bad_config_is_rejected():
     MoeFeedForward(width=WIDTH, mlp_dim=MLP, dispatch="sparse").init(jax.random.key(0), x, True)
   with pytest.raises(MoeConfigError, match="top_k"):
     MoeFeedForward(width=WIDTH, mlp_dim=MLP, top_k=3, num_experts=4).init(jax.random.key(0), x, True)
+  with pytest.raises(MoeConfigError, match="routing_groups"):
+    MoeFeedForward(width=WIDTH, mlp_dim=MLP, routing_groups=2).init(
+        jax.random.key(0), jnp.zeros((3, 2, WIDTH)), True)
+  with pytest.raises(MoeConfigError, match="routing_groups"):
+    MoeFeedForward(width=WIDTH, mlp_dim=MLP, routing_groups=-1).init(jax.random.key(0), x, True)
   with pytest.raises(MoeConfigError, match="up_proj"):
     upcycle_ffns([{"gate_proj": {"kernel": jnp.zeros((2, 3))}}])
 
