@@ -114,13 +114,13 @@ FORCED_LOGITS = np.array([[2.0, 0.0], [1.0, -1.0], [0.5, 2.5], [3.0, 0.0],
 
 # ---- capacity mode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("top_k,gather_max_tokens", [(1, 0), (2, 0), (1, 8), (2, 8)],
-                         ids=["top1-buffers", "top2-buffers", "top1-gathered", "top2-gathered"])
-def test_capacity_matches_deepspeed_rule(top_k, gather_max_tokens):
-  # 8 tokens: gather_max_tokens=8 takes the gathered-weights (decode) path, 0 the buffers.
+@pytest.mark.parametrize("top_k,decode_max_tokens", [(1, 0), (2, 0), (1, 8), (2, 8)],
+                         ids=["top1-buffers", "top2-buffers", "top1-decode", "top2-decode"])
+def test_capacity_matches_deepspeed_rule(top_k, decode_max_tokens):
+  # 8 tokens: decode_max_tokens=8 takes the decode path (experts under lax.cond), 0 the buffers.
   module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, top_k=top_k,
                           capacity_factor_eval=0.5, min_capacity=1, random_token_selection=False,
-                          gather_max_tokens=gather_max_tokens,
+                          decode_max_tokens=decode_max_tokens,
                           lora_rank=2, lora_alpha=4.0, lora_targets=("gate", "down"))
   x = tokens(1, (2, 4, WIDTH))
   flat = np.asarray(x.reshape(8, WIDTH), np.float64)
@@ -172,7 +172,7 @@ def test_routing_groups_match_deepspeed_rule_per_group():
 def test_routing_groups_equal_separate_calls(dispatch):
   module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=2, dispatch=dispatch,
                           capacity_factor_train=0.5, min_capacity=1, random_token_selection=False,
-                          gather_max_tokens=0, lora_rank=2, lora_targets=("up",))
+                          decode_max_tokens=0, lora_rank=2, lora_targets=("up",))
   x = tokens(12, (6, 3, WIDTH))
   params = make_params(module, x)
   params["router"]["kernel"] = 3.0 * params["router"]["kernel"]  # uneven loads: drops in capacity
@@ -191,20 +191,33 @@ def test_routing_groups_equal_separate_calls(dispatch):
 
 
 @pytest.mark.parametrize("dispatch,top_k", [("capacity", 1), ("capacity", 2), ("dropless", 2)])
-def test_gathered_decode_path_equals_buffers(dispatch, top_k):
+def test_decode_path_equals_buffers(dispatch, top_k):
   module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=top_k, dispatch=dispatch,
                           lora_rank=2, lora_targets=("gate", "up", "down"))
-  x = tokens(13, (3, 2, WIDTH))  # 6 tokens: under the default gather_max_tokens of 8
+  x = tokens(13, (3, 2, WIDTH))  # 6 tokens: under the default decode_max_tokens of 8
   params = make_params(module, x)
   apply = jax.jit(lambda m, x: m.apply({"params": params}, x, True), static_argnums=0)
-  y_gathered, stats = apply(module, x)
-  y_buffers, stats_buffers = apply(module.clone(gather_max_tokens=0), x)
+  y_decode, stats = apply(module, x)
+  y_buffers, stats_buffers = apply(module.clone(decode_max_tokens=0), x)
   # float32 sums in another order (outputs up to ~100 here)
-  np.testing.assert_allclose(y_gathered, y_buffers, rtol=1e-4, atol=1e-5 * np.abs(y_buffers).max())
+  np.testing.assert_allclose(y_decode, y_buffers, rtol=1e-4, atol=1e-5 * np.abs(y_buffers).max())
   jax.tree.map(np.testing.assert_array_equal, stats, stats_buffers)
-  # The gathered path reads experts with a gather, the buffer path with batched einsums.
+  # One conditional per expert (skipped when nothing is routed there), no expert buffers.
   text = jax.jit(lambda x: module.apply({"params": params}, x, True)).lower(x).as_text()
-  assert "gather" in text and "ecd,edf" not in text
+  assert text.count("stablehlo.case") == 4 and "ecd,edf" not in text
+
+
+def test_decode_path_skips_unrouted_experts():
+  """A token routed to expert 0 only: expert 1's branch is not taken, so even NaN weights there
+  leave the output finite and equal to expert 0's (the buffer path computes expert 1 too)."""
+  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2)
+  x = tokens(15, (1, 1, WIDTH))
+  params = make_params(module, x)
+  params["router"]["kernel"] = jnp.zeros_like(params["router"]["kernel"])  # tie -> expert 0
+  params = {**params, **{n: params[n].at[1].set(jnp.nan) for n in ("gate_proj", "up_proj", "down_proj")}}
+  y, _ = jax.jit(module.apply, static_argnums=2)({"params": params}, x, True)
+  want = 0.5 * np_expert(params, 0, np.asarray(x[0], np.float64))
+  np.testing.assert_allclose(np.asarray(y[0]), want, rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_formula():

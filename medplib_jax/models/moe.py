@@ -24,8 +24,8 @@ batch. `routing_groups=1` routes the whole batch at once (one replica of the ref
 gates its own micro-batch, as DeepSpeed does). Groups are blocks of the batch, not of the mesh,
 so a fixed group count gives the same numbers on every mesh layout.
 
-Few tokens (a decode step): each token runs with its routed expert's weights gathered, so only
-the routed experts' weights are read (`gather_max_tokens`).
+Few tokens (a decode step, at most `decode_max_tokens`): each expert runs under a `lax.cond`
+taken only when a token is routed to it, so only the routed experts' weights are read.
 """
 
 import math
@@ -149,11 +149,6 @@ def _buffer_matmul(h, w):
   return jnp.einsum("...ecd,edf->...ecf", h, w)
 
 
-def _token_matmul(h, w):
-  """Each row with its own weights: h [T, D], w [T, D, F] -> [T, F] (the gathered path)."""
-  return jnp.einsum("td,tdf->tf", h, w)
-
-
 def _dispatch(x, expert_index, slot, kept, num_experts, capacity):
   """Capacity dispatch: tokens [T, D] -> (expert buffers [E, C, D], rows [T, k]).
 
@@ -203,8 +198,8 @@ class MoeFeedForward(nn.Module):
   Params: router/kernel [D, E]; gate_proj, up_proj [E, D, F]; down_proj [E, F, D]; with LoRA on a
   target, `<proj>_lora_a` [E, in, r] and `<proj>_lora_b` [E, r, out] (zeros).
   RNG streams when not deterministic: 'router' (random token selection), 'dropout' (LoRA).
-  A call with at most `gather_max_tokens` tokens (decode) and no expert-parallel mesh axis runs
-  each token with its routed experts' weights gathered (reads only those experts' weights).
+  A call with at most `decode_max_tokens` tokens (decode) and no expert-parallel mesh axis runs
+  each expert only if a token is routed to it (reads only the routed experts' weights).
   """
   width: int
   mlp_dim: int
@@ -216,7 +211,7 @@ class MoeFeedForward(nn.Module):
   min_capacity: int = 4
   random_token_selection: bool = True
   routing_groups: int = 1
-  gather_max_tokens: int = 8
+  decode_max_tokens: int = 8
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -306,9 +301,9 @@ class MoeFeedForward(nn.Module):
     tokens = tokens.astype(self.dtype)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
     expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)
-    if batch * length <= self.gather_max_tokens and expert_parallel == 1:
-      y = self._gathered(flat(tokens), flat(routing.expert_index), flat(routing.combine_weight),
-                         params, dropout_key, ffn)
+    if batch * length <= self.decode_max_tokens and expert_parallel == 1:
+      y = self._used_experts_only(flat(tokens), flat(routing.expert_index), flat(routing.kept),
+                                  flat(routing.combine_weight), params, dropout_key, ffn)
     elif self.dispatch == "capacity" and expert_parallel > 1:
       y = self._capacity_expert_parallel(flat(tokens), flat(routing.expert_index),
                                          flat(routing.kept), flat(routing.combine_weight), params,
@@ -329,17 +324,26 @@ class MoeFeedForward(nn.Module):
 
   # -- few tokens (decode) ---------------------------------------------------------------------
 
-  def _gathered(self, tokens, expert_index, weight, params, dropout_key, ffn):
-    """Each assignment runs with its own expert's weights, gathered [T * k, D, F]: a decode step
-    reads only the routed experts' weights instead of all of them. Same numbers as the buffer
-    paths, capacity included: a dropped assignment has combine weight 0 there and here."""
-    num_tokens, top_k = expert_index.shape
-    chosen = expert_index.reshape(-1)
-    picked = {name: jnp.take(w, chosen, axis=0) for name, w in params.items()}
-    h = jnp.repeat(tokens, top_k, axis=0)  # token-major, as `chosen`
-    out = _swiglu_experts(picked, h, _token_matmul, dropout_key=dropout_key, **ffn)
-    out = out.reshape(num_tokens, top_k, -1)
-    return jnp.einsum("tk,tkd->td", weight.astype(out.dtype), out)
+  def _used_experts_only(self, tokens, expert_index, kept, weight, params, dropout_key, ffn):
+    """Each expert runs on all T tokens inside a `lax.cond` taken only when some kept assignment
+    is routed to it, so a decode step reads the weights of the routed experts only (memory-bound
+    decode costs one dense FFN per distinct routed expert). Same numbers as the buffer paths,
+    capacity included: every token is scaled by its combine weight for that expert, 0 where
+    not routed there or dropped. tokens [T, D], routing arrays [T, k] -> [T, D]."""
+    y = jnp.zeros(tokens.shape, self.dtype)
+    for e in range(self.num_experts):
+      routed = (expert_index == e) & kept
+      scale = jnp.sum(jnp.where(routed, weight, 0.0), axis=-1)  # [T]
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, e)
+
+      def run(x, e=e, key=key):
+        # The expert's slice is taken inside the branch: a skipped expert's weights are not read.
+        mine = {name: w[e] for name, w in params.items()}
+        return _swiglu_experts(mine, x, jnp.matmul, dropout_key=key, **ffn).astype(self.dtype)
+
+      out = jax.lax.cond(jnp.any(routed), run, jnp.zeros_like, tokens)
+      y = y + scale[:, None].astype(self.dtype) * out
+    return y
 
   # -- capacity mode ---------------------------------------------------------------------------
 
