@@ -23,6 +23,9 @@ MEDPLIB_PREFIX = "model.visual_model."
 # Non-persistent buffers in segment_anything, but some exporters save them; never parameters.
 _IGNORED_KEYS = ("pixel_mean", "pixel_std")
 _POINT_EMBEDDING_KEYS = tuple(f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4))
+# Mask-prompt downscaling: MedPLIB's forward never uses it, so models trained here lack it; it is
+# imported when present and exported when held, never required.
+OPTIONAL_PREFIX = "prompt_encoder.mask_downscaling."
 
 
 # ---- layout translation: Hugging Face SamModel -> segment_anything -----------------------------
@@ -265,6 +268,8 @@ def load_sam(source, config, prefix: str | None = None):
 
   shapes = _expected_shapes(config)
   for key, path, kind in _flat_entries(config):
+    if key.startswith(OPTIONAL_PREFIX) and key not in ledger:
+      continue
     _set(params, path, take(key, kind, shapes[path]))
   # Four nn.Embedding(1, C) in torch (negative, positive, box corners) -> one [4, C] param.
   _set(params, ("prompt_encoder", "point_embeddings"), np.concatenate(
@@ -304,6 +309,8 @@ def export_sam(params, config, prefix: str = MEDPLIB_PREFIX) -> dict[str, np.nda
   flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   out = {}
   for key, path, kind in _flat_entries(config):
+    if key.startswith(OPTIONAL_PREFIX) and path not in flat:
+      continue
     out[prefix + key] = np.ascontiguousarray(_to_torch(flat[path], kind))
   for i, key in enumerate(_POINT_EMBEDDING_KEYS):
     out[prefix + key] = flat[("prompt_encoder", "point_embeddings")][i:i + 1].copy()

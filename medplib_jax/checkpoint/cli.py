@@ -1,0 +1,159 @@
+"""`medplib convert`: a released MedPLIB checkpoint -> our model directory, and back.
+
+  medplib convert --medplib DIR [--clip DIR] [--sam FILE] --out DIR [--summary]
+      writes <out>/params (orbax), <out>/config.json, <out>/tokenizer/, <out>/convert_report.json
+  medplib convert --export-torch --checkpoint OUR_DIR --out DIR [--clip DIR] [--dtype bfloat16]
+      writes safetensors (sharded with model.safetensors.index.json when large) + config.json
+      + tokenizer files in the reference key layout
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def add_arguments(p):
+  p.add_argument("--medplib", help="released MedPLIB checkpoint directory (HF config + weights)")
+  p.add_argument("--clip", help="CLIP directory / weights for the vision tower (import: when the "
+                 "checkpoint has none; export: fills the layers our model does not use)")
+  p.add_argument("--sam", help="SAM-Med2D weights (sam-med2d_b.pth): import: when the checkpoint "
+                 "has no SAM; export: fills SAM's mask-prompt layers our models may lack")
+  p.add_argument("--out", help="output directory")
+  p.add_argument("--size", default="7b", choices=("7b", "tiny"),
+                 help="stage config the converted model is built on (default 7b)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="config override applied last, e.g. model.sam.decoder_num_heads=8")
+  p.add_argument("--summary", action="store_true", help="print parameter counts per component")
+  p.add_argument("--export-torch", action="store_true",
+                 help="export our model directory (--checkpoint) to the reference layout")
+  p.add_argument("--checkpoint", help="our model directory (params/, config.json, tokenizer/)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="tensor dtype of the exported safetensors")
+  p.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
+
+
+def component_counts(params) -> dict[str, int]:
+  import jax
+  return {name: int(sum(math.prod(x.shape) for x in jax.tree.leaves(sub)))
+          for name, sub in params.items()}
+
+
+def print_summary(params, out=sys.stdout) -> None:
+  counts = component_counts(params)
+  for name, n in counts.items():
+    print(f"{name:18s} {n:>15,d}", file=out)
+  print(f"{'total':18s} {sum(counts.values()):>15,d}", file=out)
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the HF tokenizer files of `src_dir`; returns their names (empty when none)."""
+  names = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
+  if names:
+    os.makedirs(dst_dir, exist_ok=True)
+    for n in names:
+      shutil.copy2(os.path.join(src_dir, n), os.path.join(dst_dir, n))
+  return names
+
+
+def write_model_dir(out_dir: str, params, config) -> None:
+  """`<out>/params` (orbax) and `<out>/config.json`, as train/checkpointing.export_params writes."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+
+
+def _check_tokenizer(tok_dir: str, vocab_size: int) -> str | None:
+  from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
+  try:
+    n = len(load_tokenizer(tok_dir))
+  except TokenizerError as e:
+    return f"tokenizer: {e}"
+  if n != vocab_size:
+    return f"tokenizer in {tok_dir} has {n} tokens but the embedding has {vocab_size} rows"
+  return None
+
+
+def run_import(args) -> int:
+  from medplib_jax.checkpoint.medplib import import_medplib
+  params, cfg, report = import_medplib(args.medplib, clip=args.clip, sam=args.sam, size=args.size,
+                                       overrides=args.set)
+  if args.summary:
+    print_summary(params)
+  print(f"converted {args.medplib}: {len(report['unmapped'])} unmapped, "
+        f"{len(report['missing'])} missing keys, {report['num_experts']} expert(s) per FFN")
+  for key in report["unmapped"][:20]:
+    print(f"  unmapped: {key}")
+  if len(report["unmapped"]) > 20:
+    print(f"  ... {len(report['unmapped']) - 20} more in convert_report.json")
+  if not args.out:
+    return 0
+  tok_dir = os.path.join(args.out, "tokenizer")
+  if copy_tokenizer(args.medplib, tok_dir):
+    cfg.data.tokenizer = os.path.abspath(tok_dir)
+    problem = _check_tokenizer(tok_dir, cfg.model.llm.vocab_size)
+    if problem:
+      report["notes"].append(problem)
+  else:
+    report["notes"].append(f"{args.medplib} has no tokenizer files; pass one to from_pretrained")
+  for note in report["notes"]:
+    print(f"  note: {note}")
+  write_model_dir(args.out, params, cfg)
+  with open(os.path.join(args.out, "convert_report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {os.path.abspath(args.out)} (params/, config.json, tokenizer/)")
+  return 0
+
+
+def run_export(args) -> int:
+  import ml_collections
+
+  from medplib_jax.checkpoint.medplib import export_medplib, reference_config, write_torch_checkpoint
+  from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
+  from medplib_jax.train import checkpointing
+
+  cfg = ml_collections.ConfigDict(checkpointing.load_export_config(args.checkpoint))
+  params = checkpointing.load_export(args.checkpoint)
+  if args.summary:
+    print_summary(params)
+  state = export_medplib(params, cfg, clip=args.clip, sam=args.sam)
+  files = write_torch_checkpoint(state, args.out, int(args.shard_gb * 2**30), dtype=args.dtype)
+  tokenizer = None
+  tok_dir = os.path.join(args.checkpoint, "tokenizer")
+  if copy_tokenizer(tok_dir, args.out):
+    try:
+      tokenizer = load_tokenizer(tok_dir)
+    except TokenizerError as e:
+      print(f"  note: {e}")
+  hf = reference_config(cfg, tokenizer)
+  hf["torch_dtype"] = args.dtype
+  with open(os.path.join(args.out, "config.json"), "w") as f:
+    json.dump(hf, f, indent=1)
+  print(f"wrote {len(state)} tensors to {os.path.abspath(args.out)}: {', '.join(files)}")
+  return 0
+
+
+def run(args) -> int:
+  from medplib_jax.checkpoint.torch_io import CheckpointError
+  try:
+    if args.export_torch:
+      if not (args.checkpoint and args.out):
+        print("medplib convert --export-torch needs --checkpoint and --out", file=sys.stderr)
+        return 2
+      return run_export(args)
+    if not args.medplib or not (args.out or args.summary):
+      print("medplib convert needs --medplib DIR and --out DIR (or --summary)", file=sys.stderr)
+      return 2
+    return run_import(args)
+  except (CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"medplib convert: {e}", file=sys.stderr)
+    return 1
