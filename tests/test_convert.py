@@ -270,6 +270,11 @@ def test_imported_model_matches_torch_composition(setup, variant):
   np.testing.assert_allclose(np.asarray(out["iou_pred"][0, 0]), ref_iou, atol=TOL, rtol=TOL)
 
 
+def _weight_map(path):
+  with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    return json.load(f)["weight_map"]
+
+
 def _assert_bitwise(a, b):
   fa = flax.traverse_util.flatten_dict(a, sep="/")
   fb = flax.traverse_util.flatten_dict(b, sep="/")
@@ -299,8 +304,7 @@ def test_cli_import_export_import_is_bitwise(setup, capsys):
                            "--shard-gb", str(200e3 / 2**30)]) == 0
   files = os.listdir(torch_dir)
   assert "model.safetensors.index.json" in files and "tokenizer.json" in files
-  with open(os.path.join(torch_dir, "model.safetensors.index.json")) as f:
-    weight_map = json.load(f)["weight_map"]
+  weight_map = _weight_map(torch_dir)
   shards = sorted(set(weight_map.values()))
   assert len(shards) > 1
   exported = {}
@@ -310,7 +314,7 @@ def test_cli_import_export_import_is_bitwise(setup, capsys):
   reference = export_medplib(first, cfg)
   assert set(exported) == set(reference)
   # Same layout as the source checkpoint, except the unused last CLIP layer / post_layernorm.
-  source = set(json.load(open(os.path.join(setup["moe_dir"], "model.safetensors.index.json")))["weight_map"])
+  source = set(_weight_map(setup["moe_dir"]))
   assert set(exported) == {k for k in source if not k.startswith(UNUSED_CLIP)}
 
   second, cfg2, report = import_medplib(torch_dir, size="tiny")
@@ -345,7 +349,7 @@ def test_sam_med2d_adapter_roundtrip(tmp_path):
 def _single_file_copy(setup, tmp_path, edit):
   state = {}
   src = setup["moe_dir"]
-  for name in sorted(set(json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"].values())):
+  for name in sorted(set(_weight_map(src).values())):
     state.update(load_file(os.path.join(src, name)))
   edit(state)
   save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
