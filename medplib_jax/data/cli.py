@@ -101,8 +101,7 @@ def _synth(args) -> int:
   from medplib_jax.data.template import template_texts
   from medplib_jax.data.tokenizer import train_tokenizer
   paths = synth.write_synthetic(args.out, args.n, args.seed)
-  texts = [str(t["value"]) for p in paths.values() for r in load_records(p)
-           for t in r.get("conversations", [])]
+  texts = synth.synth_corpus_texts(list(paths.values()))  # file paths left out
   tok_dir = train_tokenizer(texts + template_texts() * 20, os.path.join(args.out, "tokenizer"),
                             vocab_size=args.vocab_size)
   print(json.dumps({"splits": paths, "tokenizer": tok_dir}, indent=1))

@@ -23,7 +23,7 @@ STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 
 FULL_STEPS = {1: 150, 2: 900, 3: 900, 4: 600}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
 FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
-MAX_LENGTH = 160
+MAX_LENGTH = 128
 
 
 def add_arguments(p):
@@ -46,6 +46,7 @@ def configs_dir() -> str:
 def prepare_data(workdir: str, images: int, seed: int) -> dict:
   """Synthetic dataset, tokenizer, and per-task JSON files (made once, reused after)."""
   from medplib_jax.data import synth
+  from medplib_jax.data.template import template_texts
   from medplib_jax.data.tokenizer import train_tokenizer
   data_dir = os.path.join(workdir, "data")
   if not os.path.exists(os.path.join(data_dir, "test.json")):
@@ -55,6 +56,7 @@ def prepare_data(workdir: str, images: int, seed: int) -> dict:
   if not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
     texts = synth.synth_corpus_texts([os.path.join(data_dir, "train.json")])
     texts += [caption_text(r) for r in captions(json.load(open(os.path.join(data_dir, "train.json"))))]
+    texts += template_texts() * 200  # the system prompt becomes a few tokens
     train_tokenizer(texts, tok_dir, vocab_size=1000)
   files = {}
   for split in ("train", "test"):
