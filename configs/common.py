@@ -159,6 +159,7 @@ def base_config(stage, size):
       num_workers=0, bad_record_budget=100, template="llava_v1"))
   c.train = ml_collections.ConfigDict(dict(
       steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="skip",
+      checkpoint_fallback=True,  # an unreadable latest checkpoint: resume from the one before
       init_from=""))
   c.init = ml_collections.ConfigDict(dict(clip="", llm="", sam="", previous_stage="",
                                           vqa_expert="", ground_expert=""))

@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import math
 import re
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +32,11 @@ from medplib_jax.train import checkpointing, losses
 log = logging.getLogger(__name__)
 
 RNG_STREAMS = ("dropout", "router", "region")
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+class NonFiniteStep(FloatingPointError):
+  """train.on_nonfinite="halt": a step's loss or gradient norm was NaN/Inf (names the step)."""
 
 
 @flax.struct.dataclass
@@ -237,46 +244,104 @@ class StageResult:
   final_metrics: dict
   export_dir: str
   history: list
+  skipped_steps: int = 0    # non-finite steps skipped by this process (train.on_nonfinite="skip")
+  preempted: bool = False   # SIGTERM: checkpointed at `steps` and stopped early, nothing exported
+
+
+class PreemptionFlag:
+  """Sets itself on SIGTERM while installed (main thread only); the loop checks it between steps.
+
+  Cloud schedulers send SIGTERM before killing a preemptible job; the loop answers by saving a
+  checkpoint at the current step and returning, so the restarted job resumes from it.
+  """
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def _on_signal(self, signum, frame):
+    log.warning("SIGTERM: checkpointing at the end of the current step, then stopping")
+    self.event.set()
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def is_set(self) -> bool:
+    return self.event.is_set()
 
 
 def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
                 mesh=None, log_fn=None, export: bool = True) -> StageResult:
   """Runs (or resumes) one stage for `total_steps` steps over host-local batches from
-  `data_iterator` (a grain iterator: its state is checkpointed with the model)."""
+  `data_iterator` (a grain iterator: its state is checkpointed with the model).
+
+  A non-finite step keeps the previous params (make_train_step); train.on_nonfinite="skip" counts
+  it (metric `skipped_steps`), "halt" raises NonFiniteStep before anything is checkpointed. On
+  SIGTERM the current step is checkpointed (waited for) and the result has preempted=True.
+  """
+  policy = cfg.train.get("on_nonfinite", "skip")
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"train.on_nonfinite={policy!r}: expected one of {NONFINITE_POLICIES}")
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_tuple(cfg.logical_axis_rules)
   model = build_model(cfg)
   keys = set(batch_spec(cfg.model, cfg.data.max_length))
   history = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with PreemptionFlag() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, tx, schedule = init_state(cfg, model, mesh, total_steps)
     mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
-    start, restored = checkpointing.restore_latest(mngr, state, data_iterator)
+    start, restored = checkpointing.restore_latest(mngr, state, data_iterator,
+                                                   fallback=cfg.train.get("checkpoint_fallback", True))
     if restored is not None:
       state = restored
       log.info("resumed from step %d in %s", start, workdir)
     step_fn = jax.jit(make_train_step(cfg, model, tx, schedule), donate_argnums=(0,))
     t_last = time.perf_counter()
     step = int(state.step)
-    while step < total_steps:
+    skipped_total = jnp.zeros((), jnp.int32)  # summed on device: no host sync per step
+    while step < total_steps and not preempt.is_set():
       host_batch = {k: v for k, v in next(data_iterator).items() if k in keys}
       batch = sharding.host_to_global(host_batch, mesh, rules)
       state, metrics = step_fn(state, batch)
       step += 1
+      skipped_total = skipped_total + metrics["skipped"]
+      if policy == "halt" and int(metrics["skipped"]):
+        mngr.wait_until_finished()  # earlier checkpoints complete; this state is never saved
+        raise NonFiniteStep(
+            f"step {step}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
+            f"({float(metrics['grad_norm'])}) with train.on_nonfinite='halt'; the last checkpoint "
+            f"in {workdir} holds the state before it. Set train.on_nonfinite='skip' to skip such steps.")
       if step % cfg.train.log_every == 0 or step == total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
         now = time.perf_counter()
         metrics["step_time_s"] = (now - t_last) / cfg.train.log_every
         t_last = now
         metrics["step"] = step
+        metrics["skipped_steps"] = float(skipped_total)
         history.append(metrics)
         if log_fn:
           log_fn(step, metrics)
-      checkpointing.save(mngr, step, state, data_iterator, force=step == total_steps)
+      checkpointing.save(mngr, step, state, data_iterator,
+                         force=step == total_steps or preempt.is_set())
     mngr.wait_until_finished()
-    final = state.params()
-    if cfg.lora.rank:
-      final = lora_lib.merge_lora(final, cfg.lora.alpha / cfg.lora.rank)
-    export_dir = checkpointing.export_params(workdir, final, cfg) if export else ""
+    preempted = preempt.is_set() and step < total_steps
+    if preempted and step not in mngr.all_steps():  # SIGTERM before the first step
+      checkpointing.save(mngr, step, state, data_iterator, force=True)
+      mngr.wait_until_finished()
+    export_dir = ""
+    if export and not preempted:
+      final = state.params()
+      if cfg.lora.rank:
+        final = lora_lib.merge_lora(final, cfg.lora.alpha / cfg.lora.rank)
+      export_dir = checkpointing.export_params(workdir, final, cfg)
+    if preempted:
+      log.warning("preempted: checkpoint at step %d in %s; rerun the same command to resume",
+                  step, workdir)
   return StageResult(steps=step, final_metrics=history[-1] if history else {}, export_dir=export_dir,
-                     history=history)
+                     history=history, skipped_steps=int(skipped_total), preempted=preempted)
