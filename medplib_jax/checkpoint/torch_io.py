@@ -35,17 +35,26 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       data = f.read()
   except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: safetensors header is not a JSON object")
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype") if isinstance(info, dict) else None)
     if dtype is None:
-      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-    start, end = info["data_offsets"]
-    if end > len(data) or start > end:
-      raise CheckpointError(f"{path}: tensor {name!r} points outside the file (truncated?)")
-    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"]).copy()
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype "
+                            f"{info.get('dtype') if isinstance(info, dict) else info!r}")
+    try:
+      start, end = (int(x) for x in info["data_offsets"])
+      if end > len(data) or not 0 <= start <= end:
+        raise CheckpointError(f"{path}: tensor {name!r} points outside the file (truncated?)")
+      out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"]).copy()
+    except (KeyError, TypeError, ValueError) as e:
+      if isinstance(e, CheckpointError):
+        raise
+      raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                            f"(shape/offsets do not fit: {e})") from e
   return out
 
 
@@ -64,7 +73,7 @@ def read_torch_pickle(path: str) -> dict[str, np.ndarray]:
   except Exception as e:  # pickle errors come in many types; none may execute code
     raise CheckpointError(
         f"{path}: refused to load: the file is not a plain tensor checkpoint "
-        f"(weights-only unpickling failed: {type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        f"(weights-only unpickling failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})") from e
   for wrapper in ("model", "state_dict", "module"):
     if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
       obj = obj[wrapper]

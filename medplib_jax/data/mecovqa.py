@@ -37,6 +37,9 @@ MASK_RE = re.compile(r"<mask>(.*?)</mask>")
 REGION_RE = re.compile(r"<region>(.*?)</region>")
 SEG_TOKEN = "<SEG>"
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused (decompression bombs)
+# Modes with a defined conversion to RGB / grey; others (LAB, HSV, ...) are refused by name.
+SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                             "YCbCr", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 TASK_VQA, TASK_REGION, TASK_GROUNDING = "C", "R", "G"
 
 
@@ -189,8 +192,12 @@ def read_file(root: str, rel: str, field: str) -> bytes:
 def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
   try:
     img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:  # PIL's own limit, checked on the header
+    raise BadRecord("unreadable_image", field, f"exceeds the pixel limit ({e})") from e
   except (UnidentifiedImageError, OSError, ValueError) as e:
     raise BadRecord("unreadable_image", field, f"not a decodable image ({e})") from e
+  if img.mode not in SUPPORTED_MODES:
+    raise BadRecord("unreadable_image", field, f"unsupported image mode {img.mode!r}")
   if img.width * img.height > max_pixels:
     raise BadRecord("unreadable_image", field,
                     f"{img.width}x{img.height} exceeds the pixel limit {max_pixels}")

@@ -233,6 +233,9 @@ def response_json(pred: api.Prediction, image: np.ndarray, elapsed: float) -> di
 class Handler(http.server.BaseHTTPRequestHandler):
   server_version = "medplib-serve"
   protocol_version = "HTTP/1.1"
+  # Socket timeout: a client that stalls while sending headers or body is dropped, so slow
+  # senders cannot hold handler threads forever.
+  timeout = 60
 
   def log_message(self, fmt, *args):
     log.info("%s %s", self.address_string(), fmt % args)
@@ -269,6 +272,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", ""))
       except ValueError:
         raise HttpError(411, "Content-Length required") from None
+      if length < 0:
+        self.close_connection = True
+        raise HttpError(400, f"Content-Length {length} is negative")
       if length > limits.max_body_bytes:
         self.close_connection = True  # the body is not read
         raise HttpError(413, f"request body of {length} bytes exceeds the limit of "
