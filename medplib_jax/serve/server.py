@@ -294,6 +294,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
+  request_queue_size = 128  # listen backlog: bursts of connections wait for accept, not a reset
 
   def __init__(self, address, model: api.MedPLIB, limits: Limits = Limits()):
     self.worker = Worker(model, limits)
