@@ -111,7 +111,8 @@ def sam_config(size):
         decoder_mlp_dim=2048, decoder_num_heads=8, num_multimask_outputs=3, iou_head_depth=3,
         iou_head_hidden_dim=256, mask_in_chans=16))
   return ml_collections.ConfigDict(dict(
-      image_size=128, patch_size=16, width=64, depth=2, num_heads=2, mlp_dim=256,
+      # patch 8 (not 16): a 16x16 embedding grid, so 128-px masks keep usable detail.
+      image_size=128, patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=256,
       window_size=4, global_attn_indexes=(1,), use_rel_pos=True, adapter=True, adapter_dim=16,
       out_chans=32, prompt_embed_dim=32, decoder_depth=2, decoder_mlp_dim=128,
       decoder_num_heads=2, num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32,

@@ -61,12 +61,18 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator, f
   return None, None
 
 
-def export_params(workdir: str, params, config) -> str:
-  """Writes the stage's final params (already LoRA-merged) and its config to workdir/export."""
-  path = os.path.abspath(os.path.join(workdir, "export"))
+def save_params(path: str, params) -> str:
+  """Writes a params pytree to `<path>/params` (orbax), replacing what was there."""
+  path = os.path.abspath(path)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(path, "params"), params, force=True)
   ckptr.wait_until_finished()
+  return path
+
+
+def export_params(workdir: str, params, config) -> str:
+  """Writes the stage's final params (already LoRA-merged) and its config to workdir/export."""
+  path = save_params(os.path.join(workdir, "export"), params)
   if jax.process_index() == 0:
     with open(os.path.join(path, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))

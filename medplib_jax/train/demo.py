@@ -22,6 +22,8 @@ STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 
 # Training steps per stage (full demo / --fast) and the shared tiny-run settings.
 FULL_STEPS = {1: 150, 2: 900, 3: 900, 4: 600}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
+# Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
+STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 300}, {"sam": 2, "clip": 2}
 FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
 MAX_LENGTH = 128
 
@@ -116,11 +118,27 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
     overrides.append(f"--config.init.previous_stage={prev(stage - 1)}")
   if stage == 4:
     overrides += [f"--config.init.ground_expert={prev(3)}", f"--config.init.vqa_expert={prev(2)}"]
+  if stage == 1 and files.get("standins"):
+    overrides += [f"--config.init.clip={files['standins']['clip']}",
+                  f"--config.init.sam={files['standins']['sam']}"]
   return load_config(os.path.join(configs_dir(), f"{STAGE_FILES[stage]}:tiny"), overrides)
 
 
+def pretrain_standins(files: dict, workdir: str, steps: dict) -> dict:
+  """Stand-ins for the pretrained CLIP and SAM-Med2D (train/standins.py), made once."""
+  from medplib_jax.train import standins
+  model_cfg = stage_config(1, files, workdir, 1, 1e-3).model
+  out = {"sam": os.path.join(workdir, "standin_sam"), "clip": os.path.join(workdir, "standin_clip")}
+  if not os.path.isdir(os.path.join(out["sam"], "params")):
+    standins.pretrain_sam(model_cfg, files["train_G"], files["data_dir"], out["sam"], steps["sam"])
+  if not os.path.isdir(os.path.join(out["clip"], "params")):
+    standins.pretrain_clip(model_cfg, os.path.join(files["data_dir"], "train.json"),
+                           files["data_dir"], out["clip"], steps["clip"])
+  return out
+
+
 def export_untrained(files: dict, workdir: str) -> str:
-  """The stage-1 starting point (random init: no pretrained weights here), as a model dir."""
+  """The stage-1 starting point (pretrained stand-ins, random LLM/projector), as a model dir."""
   import shutil
 
   import flax.linen as nn
@@ -133,7 +151,8 @@ def export_untrained(files: dict, workdir: str) -> str:
   if not os.path.exists(os.path.join(target, "export", "config.json")):
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_tuple(cfg.logical_axis_rules)):
-      params = trainer.init_params(cfg, trainer.build_model(cfg), mesh, {}, jax.random.key(cfg.seed))
+      params = trainer.init_params(cfg, trainer.build_model(cfg), mesh,
+                                   trainer.previous_stage_params(cfg), jax.random.key(cfg.seed))
     export = checkpointing.export_params(target, params, cfg)
     shutil.copytree(files["tokenizer"], os.path.join(export, "tokenizer"), dirs_exist_ok=True)
   return os.path.join(target, "export")
@@ -206,7 +225,9 @@ def run(args) -> int:
   limit = args.eval_limit if args.eval_limit is not None else (8 if args.fast else None)
   files = prepare_data(workdir, images, args.seed)
   chance = chance_levels(files["test"])
-  print(f"[demo] data ready ({time.time() - t0:.0f} s); evaluating the untrained model")
+  print(f"[demo] data ready ({time.time() - t0:.0f} s); pre-training stand-in CLIP and SAM encoders")
+  files["standins"] = pretrain_standins(files, workdir, FAST_STANDIN_STEPS if args.fast else STANDIN_STEPS)
+  print(f"[demo] stand-ins ready ({time.time() - t0:.0f} s); evaluating the untrained model")
   before = evaluate_model(export_untrained(files, workdir), files, limit,
                           os.path.join(workdir, "eval_before"))
   steps = FAST_STEPS if args.fast else FULL_STEPS

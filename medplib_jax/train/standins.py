@@ -1,0 +1,127 @@
+"""Stand-ins for the pretrained encoders, for the embedded demo only.
+
+The published recipe starts from pretrained CLIP ViT-L/14-336 and SAM-Med2D weights and keeps
+both frozen. No model hub is reachable here, so `medplib demo` first trains tiny stand-ins on the
+synthetic training split with the encoders' own kinds of objective, then freezes them exactly as
+the recipe does:
+
+* SAM: promptable segmentation (SAM's task): box prompt -> mask, BCE + Dice, all SAM params.
+* CLIP: supervised image pre-training of the tower: modality (softmax) and structure presence
+  (sigmoid) heads on the mean patch feature; the heads are thrown away.
+
+Each writes a model directory fragment `<out>/params` holding only its component (`sam` or
+`vision`), which stage 1 reads through `config.init.sam` / `config.init.clip`.
+"""
+
+import collections
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from medplib_jax.data import canvas
+from medplib_jax.models.clip import ClipVisionTower
+from medplib_jax.models.sam import SamMed2D
+from medplib_jax.train import checkpointing, losses
+
+
+def _load_image(root, rel):
+  return np.asarray(Image.open(os.path.join(root, rel)).convert("RGB"))
+
+
+def _mask_path(record) -> str:
+  return record["conversations"][1]["value"].split("<mask>")[1].split("</mask>")[0]
+
+
+def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, steps: int,
+                 seed: int = 0, batch_size: int = 8, lr: float = 1e-3, log=print) -> str:
+  """Box-prompted segmentation on the grounding records; returns the output directory."""
+  size = model_cfg.sam.image_size
+  records = json.load(open(grounding_json))
+  images, masks, boxes = [], [], []
+  for r in records:
+    images.append(canvas.sam_canvas(_load_image(image_root, r["image"]), size)[0])
+    m = canvas.mask_canvas(np.asarray(Image.open(os.path.join(image_root, _mask_path(r)))) > 0, size)
+    ys, xs = np.nonzero(m)
+    masks.append(m)
+    boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+  images, masks, boxes = np.stack(images), np.stack(masks), np.asarray(boxes, np.float32)
+  model = SamMed2D(model_cfg.sam)
+  params = model.init(jax.random.key(seed), images[:1], jnp.zeros((1,), jnp.int32))["params"]
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
+  opt = tx.init(params)
+
+  def loss_fn(p, image, box, mask):
+    emb = model.apply({"params": p}, image, method=SamMed2D.encode_image)
+    index = jnp.arange(image.shape[0], dtype=jnp.int32)
+    low, _ = model.apply({"params": p}, emb, index, boxes=box, method=SamMed2D.decode)
+    per = losses.per_mask_losses(losses.upsample_logits(low[:, 0], size), mask, jnp.ones_like(mask))
+    return (per["bce"] + per["dice"]).mean(), per["iou"].mean()
+
+  @jax.jit
+  def step(p, o, image, box, mask):
+    (loss, iou), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, image, box, mask)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss, iou
+
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    idx = rng.integers(0, len(images), batch_size)
+    params, opt, loss, iou = step(params, opt, images[idx], boxes[idx], masks[idx])
+    if (i + 1) % max(1, steps // 5) == 0:
+      log(f"[stand-in SAM] step {i + 1}/{steps}: loss {float(loss):.3f}, box-prompt IoU {float(iou):.3f}")
+  checkpointing.save_params(out, {"sam": params})
+  return out
+
+
+def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps: int,
+                  seed: int = 0, batch_size: int = 16, lr: float = 1e-3, log=print) -> str:
+  """Modality + structure-presence classification on the training images (one per image)."""
+  size = model_cfg.vision.image_size
+  records = json.load(open(records_json))
+  per_image = collections.OrderedDict()
+  for r in records:
+    entry = per_image.setdefault(r["image"], {"modality": r.get("modality"), "structures": set()})
+    if r.get("structure"):
+      entry["structures"].add(r["structure"])
+  modalities = sorted({v["modality"] for v in per_image.values()})
+  names = sorted({s for v in per_image.values() for s in v["structures"]})
+  images = np.stack([canvas.clip_canvas(_load_image(image_root, k), size)[0] for k in per_image])
+  modality = np.array([modalities.index(v["modality"]) for v in per_image.values()])
+  present = np.array([[n in v["structures"] for n in names] for v in per_image.values()], np.float32)
+
+  tower = ClipVisionTower(model_cfg.vision)
+  key_tower, key_head = jax.random.split(jax.random.key(seed))
+  params = {"vision": tower.init(key_tower, images[:1])["params"],
+            "head": {"w": jax.random.normal(key_head, (model_cfg.vision.width, len(modalities) + len(names))) * 0.02,
+                     "b": jnp.zeros((len(modalities) + len(names),))}}
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
+  opt = tx.init(params)
+
+  def loss_fn(p, image, mod, pres):
+    feats = tower.apply({"params": p["vision"]}, image).mean(axis=1)
+    logits = feats @ p["head"]["w"] + p["head"]["b"]
+    mod_logits, pres_logits = logits[:, :len(modalities)], logits[:, len(modalities):]
+    ce = optax.softmax_cross_entropy_with_integer_labels(mod_logits, mod).mean()
+    bce = optax.sigmoid_binary_cross_entropy(pres_logits, pres).mean()
+    acc = (mod_logits.argmax(-1) == mod).mean()
+    return ce + bce, acc
+
+  @jax.jit
+  def step(p, o, image, mod, pres):
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, image, mod, pres)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss, acc
+
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    idx = rng.integers(0, len(images), batch_size)
+    params, opt, loss, acc = step(params, opt, images[idx], modality[idx], present[idx])
+    if (i + 1) % max(1, steps // 5) == 0:
+      log(f"[stand-in CLIP] step {i + 1}/{steps}: loss {float(loss):.3f}, modality acc {float(acc):.3f}")
+  checkpointing.save_params(out, {"vision": params["vision"]})
+  return out
