@@ -22,7 +22,7 @@ from medplib_jax.data.tokenizer import train_tokenizer
 from medplib_jax.train import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY = 8, 2
+STEPS, EVERY = 12, 2
 RUN_TIMEOUT_S = 240
 
 
@@ -80,12 +80,14 @@ def _finished_steps(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def _wait_for_checkpoint(proc, workdir, deadline_s=RUN_TIMEOUT_S) -> int:
+def _wait_for_checkpoint(proc, workdir, finished=True, deadline_s=RUN_TIMEOUT_S) -> None:
+  """Until a checkpoint is finalised (or, finished=False, its write has begun: the earliest
+  moment, so a loaded machine cannot let the run reach its last step first)."""
+  d = os.path.join(str(workdir), "checkpoints")
   end = time.monotonic() + deadline_s
   while time.monotonic() < end:
-    steps = _finished_steps(workdir)
-    if steps:
-      return steps[-1]
+    if _finished_steps(workdir) or (not finished and os.path.isdir(d) and os.listdir(d)):
+      return
     assert proc.poll() is None, _log(workdir)[-3000:]
     time.sleep(0.02)
   proc.kill()
@@ -114,10 +116,10 @@ def reference(data):
 def test_kill_9_then_restart_matches_an_uninterrupted_run(data, reference):
   workdir = data["root"] / "killed"
   proc = _start(data, workdir)
-  first = _wait_for_checkpoint(proc, workdir)
+  _wait_for_checkpoint(proc, workdir)
   proc.send_signal(signal.SIGKILL)
-  assert proc.wait(30) == -signal.SIGKILL
-  assert first < STEPS and not os.path.exists(os.path.join(str(workdir), "export"))
+  assert proc.wait(30) == -signal.SIGKILL, _log(workdir)[-3000:]
+  assert not os.path.exists(os.path.join(str(workdir), "export"))
   kept = _finished_steps(workdir)[-1]
   _run(data, workdir)  # the same command resumes
   assert f"resumed from step {kept}" in _log(workdir)
@@ -127,7 +129,7 @@ def test_kill_9_then_restart_matches_an_uninterrupted_run(data, reference):
 def test_sigterm_checkpoints_exits_0_and_resumes_to_the_same_params(data, reference):
   workdir = data["root"] / "preempted"
   proc = _start(data, workdir)
-  _wait_for_checkpoint(proc, workdir)
+  _wait_for_checkpoint(proc, workdir, finished=False)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(60) == 0, _log(workdir)[-3000:]
   log = _log(workdir)
