@@ -17,6 +17,7 @@ import collections
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,7 @@ def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, step
     boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
   images, masks, boxes = np.stack(images), np.stack(masks), np.asarray(boxes, np.float32)
   model = SamMed2D(model_cfg.sam)
-  params = model.init(jax.random.key(seed), images[:1], jnp.zeros((1,), jnp.int32))["params"]
+  params = nn.unbox(model.init(jax.random.key(seed), images[:1], jnp.zeros((1,), jnp.int32))["params"])
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
   opt = tx.init(params)
 
@@ -96,7 +97,7 @@ def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps
 
   tower = ClipVisionTower(model_cfg.vision)
   key_tower, key_head = jax.random.split(jax.random.key(seed))
-  params = {"vision": tower.init(key_tower, images[:1])["params"],
+  params = {"vision": nn.unbox(tower.init(key_tower, images[:1])["params"]),
             "head": {"w": jax.random.normal(key_head, (model_cfg.vision.width, len(modalities) + len(names))) * 0.02,
                      "b": jnp.zeros((len(modalities) + len(names),))}}
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
