@@ -47,9 +47,27 @@ def test_tiny_forward_shapes_and_finiteness():
   rngs = {"params": jax.random.key(0), **{s: jax.random.key(1) for s in trainer.RNG_STREAMS}}
   variables = model.init(rngs, batch)
   out = model.apply(variables, batch)
-  v, s = cfg.model.llm.vocab_size, cfg.model.sam.image_size
+  v = cfg.model.llm.vocab_size
+  low_res = 4 * cfg.model.sam.image_size // cfg.model.sam.patch_size  # x4 upscaling of the grid
   assert out["logits"].shape == (2, 96, v)
-  assert out["mask_logits"].shape == (2, 1, s // 4, s // 4)
+  assert out["mask_logits"].shape == (2, 1, low_res, low_res)
   assert np.isfinite(np.asarray(out["logits"])).all()
   assert np.isfinite(np.asarray(out["mask_logits"])).all()
   assert np.asarray(out["seg_valid"]).tolist() == [[True], [True]]
+
+
+def test_stage1_inherits_pretrained_components_from_model_dirs(tmp_path):
+  from medplib_jax.train import checkpointing
+  cfg = load_config("configs/stage1_align.py:tiny", [
+      f"--config.init.sam={tmp_path / 'sam'}", f"--config.init.clip={tmp_path / 'clip'}"])
+  abstract = trainer.flat(trainer.sharding.strip_boxes(trainer.abstract_variables(cfg)["params"]))
+  rng = np.random.default_rng(0)
+  fake = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in abstract.items()
+          if k.startswith(("sam/", "vision/"))}
+  for name, prefix in (("sam", "sam/"), ("clip", "vision/")):
+    tree = trainer.traverse_util.unflatten_dict({k: v for k, v in fake.items() if k.startswith(prefix)}, sep="/")
+    checkpointing.save_params(str(tmp_path / name), tree)
+  inherited = trainer.previous_stage_params(cfg)
+  assert set(inherited) == set(fake)
+  for k in fake:
+    np.testing.assert_array_equal(np.asarray(inherited[k]), fake[k])

@@ -7,6 +7,7 @@ Read top to bottom: Mesh -> Model -> Init -> Optimizer -> Update step -> Loop.
 import dataclasses
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -116,7 +117,36 @@ def previous_stage_params(cfg) -> dict[str, Any]:
     return inherited
   if cfg.init.previous_stage:
     return flat(checkpointing.load_export(cfg.init.previous_stage))
-  return {}
+  inherited = {}
+  for component, source in (("vision", cfg.init.clip), ("llm", cfg.init.llm), ("sam", cfg.init.sam)):
+    if source:
+      inherited.update({f"{component}/{k}": v
+                        for k, v in flat(pretrained_component(cfg, component, source)).items()})
+  return inherited
+
+
+def pretrained_component(cfg, component: str, source: str):
+  """Params of one component from a pretrained source (stage 1's starting point).
+
+  `source` is one of our model directories (holding `params/` with that component, e.g. an
+  export or a demo stand-in) or a PyTorch / Hugging Face checkpoint read by the importers.
+  """
+  if os.path.isdir(os.path.join(source, "params")):
+    params = checkpointing.load_export(source)
+    if component not in params:
+      raise ValueError(f"{source}: holds no {component!r} params (has {sorted(params)})")
+    return params[component]
+  if component == "vision":
+    from medplib_jax.checkpoint.clip import load_clip_vision
+    params, report = load_clip_vision(source, cfg.model.vision)
+  elif component == "llm":
+    from medplib_jax.checkpoint.llama import load_llama
+    params, report = load_llama(source, cfg.model.llm, resize_vocab_to=cfg.model.llm.vocab_size)
+  else:
+    from medplib_jax.checkpoint.sam import load_sam
+    params, report = load_sam(source, cfg.model.sam)
+  log.info("init.%s from %s: %s", component, source, {k: v for k, v in report.items() if k != "unmapped"})
+  return params
 
 
 def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
