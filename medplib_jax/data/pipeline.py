@@ -3,7 +3,7 @@
 Training (per dataset in `config.data.train`):
 
     source (TFDS ArrayRecord or JSON) -> MapDataset -> shuffle(seed) -> [process_index::process_count]
-      -> repeat(epochs) -> random_map(build_sample)          (seeded per element: deterministic)
+      -> repeat(epochs) -> map(build_sample)   (rng seeded by the record's global slot)
     then mix(weights) -> to_iter_dataset -> skip bad records -> batch(host batch) -> mp_prefetch
 
 Indexing a shuffled dataset past its length reshuffles for the next epoch, so every epoch is a new
@@ -186,24 +186,67 @@ def _component(entry, config, tokenizer, process_index, process_count, seed, tra
   prep = Preprocessor(tokenizer, config.model, data.max_length,
                       entry.image_root or data.get("image_root", ""), train, options)
   source = open_source(entry)
-  order = shard_order(len(source), seed, process_index, process_count, shuffle=train,
+  slots = shard_slots(len(source), seed, process_index, process_count, shuffle=train,
                       epochs=epochs if train else 1)
-  return order.map(source.__getitem__).random_map(prep, seed=seed)
+  record_of = _SlotRecord(len(source), seed) if train else None
+  return slots.map(_SlotItem(source, record_of)).map(_SeededBySlot(prep, seed))
 
 
-class _EpochShard:
-  """Index i of a process's stream -> record index: epoch e = i // per_process, a fresh seeded
-  permutation of all n records per epoch, of which this process takes every count-th."""
+class _SlotRecord:
+  """Global slot -> record index: slot epoch * n + k is position k of that epoch's permutation."""
 
-  def __init__(self, n, seed, process_index, process_count):
-    self.n, self.index, self.count = n, process_index, process_count
-    self.per_process = n // process_count
+  def __init__(self, n, seed):
     # Indexing a grain shuffle past its length gives the next epoch's permutation.
     self.permutation = grain.MapDataset.range(n).shuffle(seed=seed)
 
+  def __call__(self, slot):
+    return self.permutation[int(slot)]
+
+
+class _SlotItem:
+  def __init__(self, source, record_of):
+    self.source, self.record_of = source, record_of
+
+  def __call__(self, slot):
+    return int(slot), self.source[self.record_of(slot) if self.record_of else int(slot)]
+
+
+class _SeededBySlot:
+  """(slot, record) -> preprocess(record, rng) with the rng keyed by the global slot, not by the
+  element's index in this process's stream: a record's augmentation (region sub-sampling) is the
+  same for any process count, so N processes train exactly like one."""
+
+  def __init__(self, prep, seed):
+    self.prep, self.seed = prep, seed
+
+  def __call__(self, item):
+    slot, record = item
+    return self.prep(record, np.random.default_rng([self.seed, slot]))
+
+
+class _EpochShard:
+  """Index i of a process's stream -> global slot: epoch e = i // per_process, of whose n slots
+  (positions of that epoch's permutation) this process takes every count-th."""
+
+  def __init__(self, n, process_index, process_count):
+    self.n, self.index, self.count = n, process_index, process_count
+    self.per_process = n // process_count
+
   def __call__(self, i):
     epoch, j = divmod(int(i), self.per_process)
-    return self.permutation[epoch * self.n + self.index + j * self.count]
+    return epoch * self.n + self.index + j * self.count
+
+
+def shard_slots(n: int, seed: int, process_index: int, process_count: int, shuffle: bool = True,
+                epochs: int | None = 1) -> grain.MapDataset:
+  """Global slots this process reads (what `shard_order` maps to record indices)."""
+  if not shuffle:
+    return grain.MapDataset.range(n)[process_index::process_count]
+  shard = _EpochShard(n, process_index, process_count)
+  if shard.per_process == 0:
+    raise ValueError(f"{n} records cannot be split over {process_count} processes")
+  total = shard.per_process * (epochs if epochs is not None else 1 << 40)
+  return grain.MapDataset.range(total).map(shard)
 
 
 def shard_order(n: int, seed: int, process_index: int, process_count: int, shuffle: bool = True,
@@ -215,13 +258,8 @@ def shard_order(n: int, seed: int, process_index: int, process_count: int, shuff
   remainder differs per epoch), so together they read each record at most once an epoch.
   `epochs=None` is endless. Evaluation: records p, p + count, ... in order, each exactly once.
   """
-  if not shuffle:
-    return grain.MapDataset.range(n)[process_index::process_count]
-  shard = _EpochShard(n, seed, process_index, process_count)
-  if shard.per_process == 0:
-    raise ValueError(f"{n} records cannot be split over {process_count} processes")
-  total = shard.per_process * (epochs if epochs is not None else 1 << 40)
-  return grain.MapDataset.range(total).map(shard)
+  slots = shard_slots(n, seed, process_index, process_count, shuffle, epochs)
+  return slots.map(_SlotRecord(n, seed)) if shuffle else slots
 
 
 def _absl_flags_ready():
