@@ -1,0 +1,55 @@
+"""`medplib demo --fast` end to end: data, stand-ins, stages 1-4, evaluation before/after, report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("closed_vqa_accuracy", "region_vqa_accuracy", "grounding_mdice", "grounding_miou")
+
+
+def test_demo_fast_end_to_end(tmp_path):
+  workdir = tmp_path / "demo"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MEDPLIB_")}
+  # The demo runs as a single process on the host's own device count.
+  env.pop("XLA_FLAGS", None)
+  env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-m", "medplib_jax.cli", "demo", "--fast", "--workdir",
+                        str(workdir)], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=REPO)
+  assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+  assert "[demo] report:" in out.stdout
+
+  metrics = json.loads((workdir / "demo_metrics.json").read_text())
+  assert metrics["fast"] is True
+  for key in METRICS:
+    for when in ("before", "after"):
+      value = metrics["summary"][key][when]
+      assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, when, value)
+
+  report = (workdir / "report.md").read_text()
+  assert "| metric | chance | before | after | target |" in report
+  for row in ("closed-VQA accuracy", "region-VQA accuracy", "grounding mDice", "grounding mIoU"):
+    assert f"| {row} |" in report, row
+  # The table shows the same numbers as demo_metrics.json.
+  line = next(l for l in report.splitlines() if l.startswith("| grounding mIoU |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[2] == f"{metrics['summary']['grounding_miou']['before']:.3f}"
+  assert cells[3] == f"{metrics['summary']['grounding_miou']['after']:.3f}"
+
+  images = [l.split("](")[1].rstrip(")") for l in report.splitlines() if l.startswith("![](")]
+  assert images, report
+  for rel in images:
+    panel = np.asarray(Image.open(workdir / rel))
+    # image | truth overlay | prediction overlay, side by side.
+    assert panel.ndim == 3 and panel.shape[2] == 3 and panel.shape[1] % 3 == 0, (rel, panel.shape)
+
+  for stage in (1, 2, 3, 4):
+    export = workdir / f"stage{stage}" / "export"
+    assert (export / "config.json").is_file(), export
+    assert (export / "tokenizer" / "tokenizer_config.json").is_file(), export
+    assert (workdir / f"stage{stage}" / "metrics.jsonl").is_file()
