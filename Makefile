@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medplib demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

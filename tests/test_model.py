@@ -45,8 +45,8 @@ def test_tiny_forward_shapes_and_finiteness():
   batch["sam_image"] = rng.normal(size=batch["sam_image"].shape).astype(np.float32)
   batch["seg_positions"][:, 0] = 90
   rngs = {"params": jax.random.key(0), **{s: jax.random.key(1) for s in trainer.RNG_STREAMS}}
-  variables = model.init(rngs, batch)
-  out = model.apply(variables, batch)
+  variables = jax.jit(model.init)(rngs, batch)
+  out = jax.jit(model.apply)(variables, batch)
   v = cfg.model.llm.vocab_size
   low_res = 4 * cfg.model.sam.image_size // cfg.model.sam.patch_size  # x4 upscaling of the grid
   assert out["logits"].shape == (2, 96, v)

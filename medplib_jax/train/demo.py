@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 4: "stage4_moe.py"}
 # Training steps per stage (full demo / --fast) and the shared tiny-run settings.
-FULL_STEPS = {1: 150, 2: 900, 3: 900, 4: 600}
+FULL_STEPS = {1: 150, 2: 2000, 3: 900, 4: 900}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
 # Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
 STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 300}, {"sam": 2, "clip": 2}
@@ -118,6 +118,9 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
     overrides.append(f"--config.init.previous_stage={prev(stage - 1)}")
   if stage == 4:
     overrides += [f"--config.init.ground_expert={prev(3)}", f"--config.init.vqa_expert={prev(2)}"]
+  if stage == 2:
+    # The option SPEC.md offers: train the region adapter with the VQA expert (reference: frozen).
+    overrides.append("--config.train_region_adapter=True")
   if stage == 1 and files.get("standins"):
     overrides += [f"--config.init.clip={files['standins']['clip']}",
                   f"--config.init.sam={files['standins']['sam']}"]
