@@ -38,6 +38,26 @@ def _mask_path(record) -> str:
   return record["conversations"][1]["value"].split("<mask>")[1].split("</mask>")[0]
 
 
+def _fit(params, loss_fn, arrays, *, steps, lr, batch_size, seed, log, label, metric):
+  """AdamW (warm-up + cosine) on random batches of `arrays`; loss_fn(p, *batch) -> (loss, metric)."""
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps),
+                   weight_decay=0.0)
+
+  @jax.jit
+  def step(p, o, *batch):
+    (loss, value), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss, value
+
+  opt, rng = tx.init(params), np.random.default_rng(seed)
+  for i in range(steps):
+    idx = rng.integers(0, len(arrays[0]), batch_size)
+    params, opt, loss, value = step(params, opt, *(a[idx] for a in arrays))
+    if (i + 1) % max(1, steps // 5) == 0:
+      log(f"[stand-in {label}] step {i + 1}/{steps}: loss {float(loss):.3f}, {metric} {float(value):.3f}")
+  return params
+
+
 def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, steps: int,
                  seed: int = 0, batch_size: int = 8, lr: float = 1e-3, log=print) -> str:
   """Box-prompted segmentation on the grounding records; returns the output directory."""
@@ -53,8 +73,6 @@ def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, step
   images, masks, boxes = np.stack(images), np.stack(masks), np.asarray(boxes, np.float32)
   model = SamMed2D(model_cfg.sam)
   params = nn.unbox(model.init(jax.random.key(seed), images[:1], jnp.zeros((1,), jnp.int32))["params"])
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
-  opt = tx.init(params)
 
   def loss_fn(p, image, box, mask):
     emb = model.apply({"params": p}, image, method=SamMed2D.encode_image)
@@ -63,18 +81,8 @@ def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, step
     per = losses.per_mask_losses(losses.upsample_logits(low[:, 0], size), mask, jnp.ones_like(mask))
     return (per["bce"] + per["dice"]).mean(), per["iou"].mean()
 
-  @jax.jit
-  def step(p, o, image, box, mask):
-    (loss, iou), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, image, box, mask)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss, iou
-
-  rng = np.random.default_rng(seed)
-  for i in range(steps):
-    idx = rng.integers(0, len(images), batch_size)
-    params, opt, loss, iou = step(params, opt, images[idx], boxes[idx], masks[idx])
-    if (i + 1) % max(1, steps // 5) == 0:
-      log(f"[stand-in SAM] step {i + 1}/{steps}: loss {float(loss):.3f}, box-prompt IoU {float(iou):.3f}")
+  params = _fit(params, loss_fn, (images, boxes, masks), steps=steps, lr=lr, batch_size=batch_size,
+                seed=seed, log=log, label="SAM", metric="box-prompt IoU")
   checkpointing.save_params(out, {"sam": params})
   return out
 
@@ -100,8 +108,6 @@ def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps
   params = {"vision": nn.unbox(tower.init(key_tower, images[:1])["params"]),
             "head": {"w": jax.random.normal(key_head, (model_cfg.vision.width, len(modalities) + len(names))) * 0.02,
                      "b": jnp.zeros((len(modalities) + len(names),))}}
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps), weight_decay=0.0)
-  opt = tx.init(params)
 
   def loss_fn(p, image, mod, pres):
     feats = tower.apply({"params": p["vision"]}, image).mean(axis=1)
@@ -112,17 +118,7 @@ def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps
     acc = (mod_logits.argmax(-1) == mod).mean()
     return ce + bce, acc
 
-  @jax.jit
-  def step(p, o, image, mod, pres):
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, image, mod, pres)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss, acc
-
-  rng = np.random.default_rng(seed)
-  for i in range(steps):
-    idx = rng.integers(0, len(images), batch_size)
-    params, opt, loss, acc = step(params, opt, images[idx], modality[idx], present[idx])
-    if (i + 1) % max(1, steps // 5) == 0:
-      log(f"[stand-in CLIP] step {i + 1}/{steps}: loss {float(loss):.3f}, modality acc {float(acc):.3f}")
+  params = _fit(params, loss_fn, (images, modality, present), steps=steps, lr=lr,
+                batch_size=batch_size, seed=seed, log=log, label="CLIP", metric="modality acc")
   checkpointing.save_params(out, {"vision": params["vision"]})
   return out
