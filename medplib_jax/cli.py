@@ -30,17 +30,14 @@ def _load(name):
     raise
 
 
-def build_parser(load_subcommands=True) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+  """The top-level parser: subcommand names and one-line help (their modules are not imported)."""
   parser = argparse.ArgumentParser(
       prog="medplib", description="MedPLIB-JAX: VQA, region VQA and pixel grounding on medical images.")
   sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
   for name, (_, help_text) in SUBCOMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
-    module = _load(name) if load_subcommands else None
-    if module is not None:
-      module.add_arguments(p)
-    else:
-      p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
   return parser
 
 
@@ -48,7 +45,7 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   # Only the named subcommand's module is imported; top-level --help loads none.
   wanted = next((a for a in argv if not a.startswith("-")), None)
-  parser = build_parser(load_subcommands=False)
+  parser = build_parser()
   if wanted in SUBCOMMANDS:
     module = _load(wanted)
     if module is None:
