@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
