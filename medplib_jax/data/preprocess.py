@@ -6,8 +6,9 @@ slot (both holding `pad_id`, labels -100), places the CLIP and SAM canvases (can
 region mask on the CLIP patch grid and each ground-truth mask on the SAM canvas, and pads all
 arrays to their fixed shapes with -1 / False for unused slots.
 
-Region masks on the patch grid follow the reference: the mask is put on the CLIP canvas (nearest),
-then sampled every `patch` pixels (cv2 INTER_NEAREST at 1/14 picks rows/cols 0, 14, 28, ...). In
+Region masks on the patch grid follow the reference: the mask is resized onto the CLIP canvas
+(bilinear, >= 1 kept), then sampled every `patch` pixels (cv2 INTER_NEAREST at 1/14 picks rows/cols
+0, 14, 28, ...), exactly as `prompts.region_grid` does at inference. In
 training a random sub-region of the largest connected component is used as the prompt (SPEC.md);
 the reference grows it by a randomised 8-connected depth-first walk from a random cell up to a
 random 20-100 % of the component's area, leaving components under 10 cells whole.
@@ -19,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from medplib_jax.data import canvas
+from medplib_jax.data.prompts import region_grid
 from medplib_jax.data.batch import IGNORE_INDEX, batch_spec, num_image_tokens
 from medplib_jax.data.mecovqa import (DEFAULT_MAX_PIXELS, BadRecord, DecodedExample, RawExample,
                                       decode_raw, load_raw)
@@ -38,8 +40,9 @@ class PreprocessOptions:
 
 
 def region_on_grid(mask: np.ndarray, clip_size: int, patch: int) -> np.ndarray:
-  """bool [H, W] -> bool [G, G] on the CLIP patch grid (G = clip_size / patch)."""
-  return canvas.mask_canvas(mask, clip_size)[::patch, ::patch]
+  """bool [H, W] -> bool [G, G] on the CLIP patch grid (G = clip_size / patch); the same mapping
+  as inference (`prompts.region_grid`: bilinear resize as the reference, centred pad, nearest)."""
+  return region_grid(mask, clip_size, clip_size // patch)
 
 
 def sub_region(grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
