@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 4: "stage4_moe.py"}
 # Training steps per stage (full demo / --fast) and the shared tiny-run settings.
-FULL_STEPS = {1: 150, 2: 2000, 3: 900, 4: 900}
+FULL_STEPS = {1: 150, 2: 2000, 3: 900, 4: 1300}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
 # Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
 STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 300}, {"sam": 2, "clip": 2}
