@@ -38,7 +38,7 @@ def build():
       max_position_embeddings=512, tie_word_embeddings=False)).eval()
   cfg = ml_collections.ConfigDict(dict(
       **SIZE, head_dim=SIZE["width"] // SIZE["num_heads"], norm_eps=1e-5, rope_theta=10000.0,
-      max_length=512, scan_layers=True, remat_policy="none"))
+      max_length=512, scan_layers=False, remat_policy="none"))  # the inference layout
   params, _ = load_llama({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
   return hf, LlamaForCausalLM(cfg, common.moe_config(1), None), {"params": jax.device_put(params)}
 
@@ -78,7 +78,8 @@ def main():
   path = write_result(
       "generate",
       what=f"greedy generate, batch {BATCH}, left-padded prompts <= {PROMPT}, {NEW} new tokens, "
-           f"LLaMA {SIZE}, fp32 CPU, one compute thread each",
+           f"LLaMA {SIZE} (layers unrolled, as MedPLIB.from_pretrained runs them), fp32 CPU, "
+           "one compute thread each",
       command="python -m bench.bench_generate",
       inputs=dict(**SIZE, batch=BATCH, prompt=PROMPT, new_tokens=NEW),
       timings={"generate": full, "prefill_plus_one_token": prefill},

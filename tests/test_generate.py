@@ -9,7 +9,7 @@ import torch
 from configs import common
 from medplib_jax.checkpoint.llama import load_llama
 from medplib_jax.infer.generate import generate, top_p_filter
-from medplib_jax.models.llama import LlamaForCausalLM
+from medplib_jax.models.llama import LlamaForCausalLM, unstack_layers
 from tests.test_llama import tiny_configs, tiny_hf_llama
 
 torch.set_num_threads(1)
@@ -17,11 +17,16 @@ PAD = 0
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["scanned", "unrolled"])
+def setup(request):
+  """Both layer layouts: scanned (training) and unrolled via `unstack_layers` (inference)."""
   hf = tiny_hf_llama(seed=1)
   _, cfg = tiny_configs()
   params, _ = load_llama({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+  if request.param == "unrolled":
+    params = unstack_layers(params, cfg.depth)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.scan_layers = False
   model = LlamaForCausalLM(cfg, common.moe_config(1), None)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, 97, size=n) for n in (6, 3, 5)]

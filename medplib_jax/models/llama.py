@@ -8,6 +8,11 @@ num_heads; SwiGLU FFN (or `MoeFeedForward` when num_experts > 1); final RMSNorm;
 KV cache (a plain pytree, see `init_cache`): the model is called on a chunk of L new tokens
 (the whole prompt for prefill, L = 1 for decode) which are written at cache slots
 [index, index + L) of every row; attention sees every valid slot at or before its own.
+
+Layer layouts: `scan_layers=True` stacks the layers' params on a leading axis and runs them under
+`nn.scan` (fast compiles, remat; what training uses). `scan_layers=False` unrolls them (params
+`layers_N`); decoding is faster that way because no layer's weights or cache are sliced out of a
+stack each step. `unstack_layers` converts a trained stack for inference.
 """
 
 from typing import Any
@@ -29,14 +34,24 @@ class LlamaConfigError(ValueError):
 def init_cache(config, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
   """An empty KV cache for `max_length` slots.
 
-  Returns dict(k, v [layers, B, S, num_kv_heads, head_dim] in `dtype`, mask [B, S] bool (slot
-  holds a real token), index [] int32 (next slot to write, shared by all rows), lengths [B] int32
-  (real tokens so far per row; the next token's rotary position)).
+  Returns dict(k, v [layers, B, num_kv_heads, S, head_dim] in `dtype` (heads before slots, so
+  attention reads it without a transpose), mask [B, S] bool (slot holds a real token), index []
+  int32 (next slot to write, shared by all rows), lengths [B] int32 (real tokens so far per row;
+  the next token's rotary position)).
   """
-  shape = (config.depth, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  shape = (config.depth, batch_size, config.num_kv_heads, max_length, config.head_dim)
   return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
               mask=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32),
               lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def unstack_layers(params: dict, depth: int) -> dict:
+  """A `scan_layers=True` param tree (`layers/...` stacked on axis 0) -> the unrolled layout
+  (`layers_0/...`, `layers_1/...`) of the same model with `scan_layers=False`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for n in range(depth):
+    out[f"layers_{n}"] = jax.tree.map(lambda a, n=n: a[n], params["layers"])
+  return out
 
 
 def positions_from_mask(attention_mask, offset=None):
@@ -100,9 +115,12 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index, deterministic):
     """x [B, L, D], positions [B, L], mask [B, L, S] bool (query may see key slot),
-    layer_cache None or dict(k, v [B, S, K, Hd]), cache_index [] (slot of x[:, 0]).
+    cache_index [] (slot of x[:, 0]), layer_cache one of
+      None (no cache: full causal attention),
+      dict(k, v [B, K, S, Hd]): this layer's cache (scanned layers),
+      dict(k, v [layers, B, K, S, Hd], layer=int): the whole stack, written in place at `layer`.
 
-    Returns (out [B, L, D], new layer cache or None).
+    Returns (out [B, L, D], the updated cache in the form given, or None).
     """
     cfg = self.config
     b, l, _ = x.shape
@@ -118,22 +136,55 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta),
                                    ("batch", "length", "act_heads", "act_kv"))
     k = rotary(k, positions, cfg.rope_theta)
-    new_cache = None
-    if layer_cache is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-      new_cache = dict(k=k, v=v)
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
-    k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
-    # cuDNN flash attention for full-sequence calls (training, scoring); cached calls are short
-    # queries against a long cache, which XLA handles without cuDNN's shape restrictions.
-    impl = _attention_impl(self.dtype) if layer_cache is None else "xla"
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+    if layer_cache is None:
+      k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
+      v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
+      # cuDNN flash attention on GPU in half precision; XLA elsewhere.
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                         implementation=_attention_impl(self.dtype))
+      new_cache = None
+    else:
+      keys, values, new_cache = _write_cache(layer_cache, k, v, cache_index)
+      out = _cached_attention(q, keys.astype(self.dtype), values.astype(self.dtype), mask)
     out = out.reshape(b, l, h * hd)
     out = proj("o_proj", "o", cfg.width, ("heads", "embed"))(out, deterministic)
     return out, new_cache
+
+
+def _write_cache(layer_cache, k, v, cache_index):
+  """Writes the chunk's k, v [B, L, K, Hd] at slots [cache_index, cache_index + L).
+
+  Returns (keys, values [B, K, S, Hd] of this layer, the updated cache in the form given).
+  """
+  layer = layer_cache.get("layer")
+  k, v = (jnp.swapaxes(t, 1, 2).astype(layer_cache["k"].dtype) for t in (k, v))
+  if layer is None:
+    start = (0, 0, cache_index, 0)
+    keys = jax.lax.dynamic_update_slice(layer_cache["k"], k, start)
+    values = jax.lax.dynamic_update_slice(layer_cache["v"], v, start)
+    return keys, values, dict(k=keys, v=values)
+  start = (layer, 0, 0, cache_index, 0)
+  stack_k = jax.lax.dynamic_update_slice(layer_cache["k"], k[None], start)
+  stack_v = jax.lax.dynamic_update_slice(layer_cache["v"], v[None], start)
+  return stack_k[layer], stack_v[layer], dict(k=stack_k, v=stack_v, layer=layer)
+
+
+def _cached_attention(q, keys, values, mask):
+  """Softmax attention of a chunk against the cache, in the cache's heads-first layout.
+
+  q [B, L, H, Hd]; keys, values [B, K, S, Hd] (H = K * groups); mask [B, L, S] -> [B, L, H, Hd].
+  Scores and softmax in float32; a query with no visible slot gets a uniform average (as
+  `jax.nn.dot_product_attention`), never NaN.
+  """
+  b, l, h, hd = q.shape
+  kvh = keys.shape[1]
+  q = q.reshape(b, l, kvh, h // kvh, hd)
+  scores = jnp.einsum("blkgd,bksd->bkgls", q, keys, preferred_element_type=jnp.float32)
+  scores = scores * (hd ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  out = jnp.einsum("bkgls,bksd->blkgd", probs, values)
+  return out.reshape(b, l, h, hd)
 
 
 class Mlp(nn.Module):
@@ -291,10 +342,15 @@ class LlamaForCausalLM(nn.Module):
     else:
       per_layer = []
       for i, layer in enumerate(self.layers):
-        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-        x, out = layer(x, layer_cache, positions, mask, index, deterministic)
-        per_layer.append(out)
-      new_layer_caches, stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+        # The whole stacked cache goes to every layer, which writes its slice in place.
+        layer_cache = None if layer_caches is None else dict(layer_caches, layer=i)
+        x, (layer_caches_out, layer_stats) = layer(x, layer_cache, positions, mask, index,
+                                                   deterministic)
+        if layer_caches is not None:
+          layer_caches = dict(k=layer_caches_out["k"], v=layer_caches_out["v"])
+        per_layer.append(layer_stats)
+      new_layer_caches = layer_caches
+      stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
 
     hidden = nn.with_logical_constraint(self.norm(x), ("batch", "length", "act_embed"))
     logits = self.lm_head(hidden).astype(jnp.float32)
