@@ -80,7 +80,9 @@ def moe_config(num_experts=1):
       random_token_selection=True, aux_loss_coef=0.0, expert_axis="expert",
       # Routing groups: contiguous blocks of the batch routed (capacity included) on their own.
       # 1 = the whole batch; 0 = one group per batch shard of the mesh (DeepSpeed's per-rank gate).
-      routing_groups=1))
+      routing_groups=1,
+      # Inference layout (set by MedPLIB.from_pretrained): experts as separate params.
+      split_experts=False))
 
 
 # Stock segment_anything image encoders at 1024 px (no adapters), so original SAM weights load too.

@@ -296,8 +296,11 @@ def test_cli_import_export_import_is_bitwise(setup, capsys):
   first, cfg, _ = import_medplib(setup["moe_dir"], size="tiny")
 
   from medplib_jax.infer.api import MedPLIB as Api
+  from medplib_jax.models.llama import inference_layout
   api = Api.from_pretrained(ours)  # params, config and tokenizer fit together
-  _assert_bitwise(first, jax.tree.map(np.asarray, api.params))
+  # The API holds the LLM in the inference layout: the same bytes, unrolled and split.
+  _, _, first_llm = inference_layout(cfg.model.llm, cfg.model.moe, first["llm"])
+  _assert_bitwise(dict(first, llm=first_llm), jax.tree.map(np.asarray, api.params))
 
   torch_dir = str(root / "exported")
   assert medplib_cli.main(["convert", "--export-torch", "--checkpoint", ours, "--out", torch_dir,

@@ -10,7 +10,8 @@ import pytest
 
 from configs.common import LOGICAL_AXIS_RULES
 from medplib_jax import sharding
-from medplib_jax.models.moe import MoeConfigError, MoeFeedForward, expert_capacity, upcycle_ffns
+from medplib_jax.models.moe import (MoeConfigError, MoeFeedForward, expert_capacity,
+                                     split_expert_params, upcycle_ffns)
 
 WIDTH, MLP = 8, 12
 
@@ -466,3 +467,41 @@ def test_upcycle_default_router_is_uniform():
   want = 0.5 * np_expert({k: v["kernel"][None] for k, v in ffn.items()}, 0,
                          np.asarray(x[0], np.float64))
   np.testing.assert_allclose(np.asarray(y[0]), want, rtol=1e-4, atol=1e-5)
+
+
+# ---- split-expert inference layout ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dispatch,top_k,decode_max_tokens", [
+    ("capacity", 1, 8), ("capacity", 2, 0), ("dropless", 1, 0), ("dropless", 2, 8)])
+def test_split_experts_equal_stacked(dispatch, top_k, decode_max_tokens):
+  stacked = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=3, top_k=top_k, dispatch=dispatch,
+                           decode_max_tokens=decode_max_tokens)
+  split = stacked.clone(split_experts=True)
+  x = tokens(21, (2, 3, WIDTH))
+  params = make_params(stacked, x)
+  converted = split_expert_params(params)
+  assert sorted(converted) == sorted(["router"] + [f"{n}_{e}" for n in ("gate_proj", "up_proj", "down_proj")
+                                                   for e in range(3)])
+  # The converted tree is exactly the split module's own param structure.
+  shapes = nn.unbox(jax.eval_shape(lambda: split.init(jax.random.key(0), x, True)))["params"]
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda a: a.shape, converted)
+  y_stacked, stats = stacked.apply({"params": params}, x, True)
+  y_split, stats_split = split.apply({"params": converted}, x, True)
+  np.testing.assert_allclose(y_split, y_stacked, rtol=1e-5, atol=1e-5 * np.abs(y_stacked).max())
+  jax.tree.map(np.testing.assert_array_equal, stats, stats_split)
+
+
+def test_split_experts_reject_lora_and_expert_parallel():
+  with pytest.raises(MoeConfigError, match="merge"):
+    split_expert_params({"router": {}, "gate_proj_lora_a": jnp.zeros((2, 4, 1))})
+  x = tokens(2, (1, 1, WIDTH))
+  lora = MoeFeedForward(width=WIDTH, mlp_dim=MLP, split_experts=True, lora_rank=2,
+                        lora_targets=("gate",))
+  with pytest.raises(MoeConfigError, match="LoRA"):
+    lora.init(jax.random.key(0), x, True)
+  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, split_experts=True)
+  params = nn.unbox(module.init(jax.random.key(0), x, True))
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, expert=2, tensor=1))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with pytest.raises(MoeConfigError, match="expert-parallel"):
+      jax.jit(lambda p, x: module.apply(p, x, True)).lower(params, x)

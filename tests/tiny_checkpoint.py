@@ -16,6 +16,7 @@ from PIL import Image
 from configs.common import ADDED_TOKENS
 from medplib_jax.config_loading import load_config
 from medplib_jax.data.tokenizer import train_tokenizer
+from medplib_jax.models.lora import merge_lora
 from medplib_jax.train import checkpointing, trainer
 
 _CORPUS = [
@@ -34,6 +35,7 @@ def make_tiny_checkpoint(root: str, seed: int = 0) -> str:
   rngs = {"params": jax.random.key(seed), **{s: jax.random.key(seed + 1) for s in trainer.RNG_STREAMS}}
   variables = jax.jit(lambda r: model.init(r, trainer.dummy_batch(cfg), deterministic=True))(rngs)
   params = jax.tree.map(np.asarray, nn.unbox(variables["params"]))
+  params = merge_lora(params, cfg.lora.alpha / cfg.lora.rank)  # as `medplib train` exports
   path = checkpointing.export_params(root, params, cfg)
   # The base vocabulary; load_tokenizer appends MedPLIB's tokens up to llm.vocab_size.
   train_tokenizer(_CORPUS, os.path.join(path, "tokenizer"),

@@ -34,7 +34,7 @@ from medplib_jax.data.template import generation_prompt, tokenizer_image_token
 from medplib_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, load_tokenizer
 from medplib_jax.infer.generate import generate
 from medplib_jax.infer.masks import REFERENCE_THRESHOLD, masks_from_logits, postprocess_logits
-from medplib_jax.models.llama import LlamaForCausalLM, unstack_layers
+from medplib_jax.models.llama import LlamaForCausalLM, inference_layout
 from medplib_jax.models.medplib import MedPLIB as MedPLIBModule
 
 MODES = ("correct", "reference")
@@ -129,11 +129,12 @@ class MedPLIB:
   def __init__(self, config, params, tokenizer, mode: str = "correct", template: str | None = None):
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if config.model.llm.scan_layers:
-      # Decoding runs faster with the layers unrolled (models/llama.py): convert once, here.
-      config = config.copy_and_resolve_references()
-      config.model.llm.scan_layers = False
-      params = dict(params, llm=unstack_layers(params["llm"], config.model.llm.depth))
+    # Decoding runs faster with the layers unrolled and the experts split (models/llama.py):
+    # convert once, here.
+    config = config.copy_and_resolve_references()
+    config.model.llm, config.model.moe, llm_params = inference_layout(
+        config.model.llm, config.model.moe, params["llm"])
+    params = dict(params, llm=llm_params)
     self.config = config
     self.model_cfg = config.model
     self.params = params

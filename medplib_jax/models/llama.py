@@ -54,6 +54,24 @@ def unstack_layers(params: dict, depth: int) -> dict:
   return out
 
 
+def inference_layout(llm_config, moe_config, params: dict):
+  """The fastest decoding layout of a trained decoder (LoRA merged): layers unrolled and, with
+  MoE FFNs, the experts split (`moe.split_expert_params`). Returns (llm_config, moe_config,
+  params) converted; what is already converted is left as it is."""
+  from medplib_jax.models.moe import split_expert_params  # only MoE models need it
+  llm_config, moe_config = llm_config.copy_and_resolve_references(), moe_config.copy_and_resolve_references()
+  if llm_config.scan_layers:
+    params = unstack_layers(params, llm_config.depth)
+    llm_config.scan_layers = False
+  if moe_config.num_experts > 1 and not moe_config.get("split_experts", False):
+    params = dict(params)
+    for n in range(llm_config.depth):
+      layer = params[f"layers_{n}"]
+      params[f"layers_{n}"] = dict(layer, mlp=split_expert_params(layer["mlp"]))
+    moe_config.split_experts = True
+  return llm_config, moe_config, params
+
+
 def positions_from_mask(attention_mask, offset=None):
   """Rotary positions [B, L]: the count of real tokens before each slot (plus `offset` [B])."""
   pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
@@ -241,6 +259,7 @@ class DecoderLayer(nn.Module):
           lora_alpha=float(lora.alpha) if lora is not None else 16.0,
           lora_dropout=float(lora.dropout) if lora is not None else 0.0,
           lora_targets=ffn_targets, dtype=self.dtype, param_dtype=self.param_dtype,
+          split_experts=moe.get("split_experts", False),
           expert_axis=moe.get("expert_axis", "expert"), name="mlp")(x, deterministic)
     else:
       y = Mlp(cfg, self.lora_config, self.dtype, self.param_dtype, name="mlp")(x, deterministic)

@@ -26,6 +26,12 @@ so a fixed group count gives the same numbers on every mesh layout.
 
 Few tokens (a decode step, at most `decode_max_tokens`): each expert runs under a `lax.cond`
 taken only when a token is routed to it, so only the routed experts' weights are read.
+
+Expert layouts: training keeps the experts stacked on a leading axis (`gate_proj` [E, D, F]),
+which the expert mesh axis shards. Inference may split them (`split_experts=True`: `gate_proj_0`,
+`gate_proj_1`, ... each [D, F]; see `split_expert_params`), so a decode step's dots read the
+routed expert's weights where they lie instead of a copy sliced out of the stack (XLA:CPU copies
+such slices). The split layout has no LoRA (merge it first) and no expert parallelism.
 """
 
 import math
@@ -212,6 +218,7 @@ class MoeFeedForward(nn.Module):
   random_token_selection: bool = True
   routing_groups: int = 1
   decode_max_tokens: int = 8
+  split_experts: bool = False
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -229,6 +236,9 @@ class MoeFeedForward(nn.Module):
     if self.routing_groups < 0:
       raise MoeConfigError(f"moe.routing_groups={self.routing_groups}; use a positive group count "
                            "or 0 for one group per batch shard")
+    if self.split_experts and self.lora_rank and set(self.lora_targets) & set(LORA_TARGETS):
+      raise MoeConfigError("split_experts is an inference layout without LoRA on the experts; "
+                           "merge the adapters first (lora.merge_lora)")
     unknown = set(self.lora_targets) - set(LORA_TARGETS) - {"q", "k", "v", "o"}
     if unknown:
       raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; "
@@ -245,10 +255,16 @@ class MoeFeedForward(nn.Module):
     return self.routing_groups
 
   def _expert_params(self):
+    """{name: [E, ...]} when stacked; a list of E dicts {name: [...]} when split."""
     e, d, f, r = self.num_experts, self.width, self.mlp_dim, self.lora_rank
     shapes = {"gate_proj": ((e, d, f), ("exp", "embed", "mlp")),
               "up_proj": ((e, d, f), ("exp", "embed", "mlp")),
               "down_proj": ((e, f, d), ("exp", "mlp", "embed"))}
+    if self.split_experts:
+      return [{name: self.param(f"{name}_{i}", nn.with_logical_partitioning(
+          lambda key, shape, dtype: _expert_init(key, (1,) + shape, dtype)[0], names[1:]),
+          shape[1:], self.param_dtype) for name, (shape, names) in shapes.items()}
+              for i in range(e)]
     params = {}
     for name, (shape, names) in shapes.items():
       params[name] = self.param(name, nn.with_logical_partitioning(_expert_init, names), shape,
@@ -301,6 +317,9 @@ class MoeFeedForward(nn.Module):
     tokens = tokens.astype(self.dtype)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
     expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)
+    if self.split_experts and expert_parallel > 1:
+      raise MoeConfigError(f"split_experts cannot run expert-parallel (mesh axis "
+                           f"{self.expert_axis!r} has size {expert_parallel}); use stacked experts")
     if batch * length <= self.decode_max_tokens and expert_parallel == 1:
       y = self._used_experts_only(flat(tokens), flat(routing.expert_index), flat(routing.kept),
                                   flat(routing.combine_weight), params, dropout_key, ffn)
@@ -310,6 +329,9 @@ class MoeFeedForward(nn.Module):
                                          capacity, dropout_key, ffn)
     elif self.dispatch == "capacity":
       y = self._capacity_local(tokens, routing, params, capacity, group_axis, dropout_key, ffn)
+    elif self.split_experts:  # ragged_dot wants the stack: built per call (inference prefill)
+      stacked = {name: jnp.stack([p[name] for p in params]) for name in params[0]}
+      y = self._dropless_local(tokens, routing, stacked, dropout_key, ffn)
     elif expert_parallel > 1:
       y = self._dropless_expert_parallel(flat(tokens), flat(routing.expert_index),
                                          flat(routing.combine_weight), params, dropout_key, ffn)
@@ -338,7 +360,7 @@ class MoeFeedForward(nn.Module):
 
       def run(x, e=e, key=key):
         # The expert's slice is taken inside the branch: a skipped expert's weights are not read.
-        mine = {name: w[e] for name, w in params.items()}
+        mine = params[e] if self.split_experts else {name: w[e] for name, w in params.items()}
         return _swiglu_experts(mine, x, jnp.matmul, dropout_key=key, **ffn).astype(self.dtype)
 
       out = jax.lax.cond(jnp.any(routed), run, jnp.zeros_like, tokens)
@@ -354,7 +376,11 @@ class MoeFeedForward(nn.Module):
     buffers, rows = jax.vmap(partial(_dispatch, num_experts=self.num_experts, capacity=buffer_rows))(
         tokens, routing.expert_index, routing.rank, routing.kept)
     buffers = nn.with_logical_constraint(buffers, (group_axis, "act_exp", None, "act_embed"))
-    out = _swiglu_experts(params, buffers, _buffer_matmul, dropout_key=dropout_key, **ffn)
+    if self.split_experts:
+      out = jnp.stack([_swiglu_experts(p, buffers[:, e], jnp.matmul, dropout_key=None, **ffn)
+                       for e, p in enumerate(params)], axis=1)
+    else:
+      out = _swiglu_experts(params, buffers, _buffer_matmul, dropout_key=dropout_key, **ffn)
     out = nn.with_logical_constraint(out, (group_axis, "act_exp", None, "act_embed"))
     return jax.vmap(_combine)(out, rows, routing.combine_weight)
 
@@ -476,6 +502,21 @@ def _linear_axis_index(axes):
   for a in axes:
     index = index * jax.lax.axis_size(a) + jax.lax.axis_index(a)
   return index
+
+
+def split_expert_params(mlp: dict) -> dict:
+  """Stacked MoeFeedForward params (`gate_proj` [..., E, D, F] ...) -> the split layout
+  (`gate_proj_0` [..., D, F], ...) of `split_experts=True`; the router is kept. A leading scanned
+  layer axis is allowed. LoRA must be merged first."""
+  leftovers = sorted(k for k in mlp if "_lora_" in k)
+  if leftovers:
+    raise MoeConfigError(f"split_expert_params: merge LoRA first (found {leftovers})")
+  out = {"router": mlp["router"]}
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    stacked = mlp[name]
+    for e in range(stacked.shape[-3]):
+      out[f"{name}_{e}"] = stacked[..., e, :, :]
+  return out
 
 
 def upcycle_ffns(dense_ffns: list[dict], router_kernel=None) -> dict:
