@@ -158,9 +158,12 @@ def compile_decode(devices: int, layout: str) -> dict:
   cfg = load_config("configs/stage4_moe.py:7b", [])
   rules = _rules(cfg, rule_overrides)
   mesh = sharding.make_mesh(mesh_cfg)
-  llm_cfg = cfg.model.llm
-  # Inference: LoRA merged away, params stored in bf16.
-  model = LlamaForCausalLM(llm_cfg, cfg.model.moe, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  # Inference: LoRA merged away, params stored in bf16, in the layout MedPLIB.from_pretrained
+  # decodes with (llama.inference_layout: layers unrolled, experts split).
+  llm_cfg = cfg.model.llm.copy_and_resolve_references()
+  moe_cfg = cfg.model.moe.copy_and_resolve_references()
+  llm_cfg.scan_layers, moe_cfg.split_experts = False, True
+  model = LlamaForCausalLM(llm_cfg, moe_cfg, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   ids = jnp.zeros((1, 1), jnp.int32)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -114,7 +114,12 @@ def train_largest_fitting(config, batch, seq_len, depths, peak, reps) -> dict:
 
 def decode_fn(model_cfg, moe_cfg, cache_len: int, prompt_len: int):
   """A zero-argument callable running DECODE_STEPS greedy steps in one jit, and its params bytes."""
-  model = LlamaForCausalLM(model_cfg.llm, moe_cfg, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  # The layout MedPLIB.from_pretrained decodes with (llama.inference_layout).
+  llm_cfg, moe_cfg = model_cfg.llm.copy_and_resolve_references(), moe_cfg.copy_and_resolve_references()
+  llm_cfg.scan_layers = False
+  if moe_cfg.num_experts > 1:
+    moe_cfg.split_experts = True
+  model = LlamaForCausalLM(llm_cfg, moe_cfg, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   token = jnp.ones((1, 1), jnp.int32)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), token))
   cache = init_cache(model_cfg.llm, 1, cache_len, jnp.bfloat16)
