@@ -117,7 +117,8 @@ def _lora_kwargs(lora_config, target: str) -> dict:
 
 
 def _attention_impl(dtype) -> str:
-  """cuDNN flash attention on GPU for half precision, XLA everywhere else."""
+  """cuDNN flash attention on GPU for half precision; XLA einsums (`_full_attention`)
+  everywhere else, TPU included (no cuDNN there; XLA:TPU fuses the einsums as well)."""
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
@@ -157,9 +158,10 @@ class Attention(nn.Module):
     if layer_cache is None:
       k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
       v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
-      # cuDNN flash attention on GPU in half precision; XLA elsewhere.
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
-                                         implementation=_attention_impl(self.dtype))
+      if _attention_impl(self.dtype) == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+      else:
+        out = _full_attention(q, k, v, mask)
       new_cache = None
     else:
       keys, values, new_cache = _write_cache(layer_cache, k, v, cache_index)
@@ -185,6 +187,30 @@ def _write_cache(layer_cache, k, v, cache_index):
   stack_k = jax.lax.dynamic_update_slice(layer_cache["k"], k[None], start)
   stack_v = jax.lax.dynamic_update_slice(layer_cache["v"], v[None], start)
   return stack_k[layer], stack_v[layer], dict(k=stack_k, v=stack_v, layer=layer)
+
+
+def _full_attention(q, k, v, mask):
+  """Full-sequence softmax attention (no cache) in heads-first einsums.
+
+  q [B, L, H, Hd]; k, v [B, L, K, Hd] (H = K * groups); mask [B, L, L] -> [B, L, H, Hd].
+  XLA:CPU runs these contractions over [B, H, L, Hd] (and their gradients) ~2x faster than
+  `jax.nn.dot_product_attention(implementation="xla")` on [B, L, H, Hd], and faster than a
+  [B, K, groups, L, Hd] form (measured, [4, 256] tokens, 8 heads of 32: fwd + bwd 13 ms vs 25
+  ms for both others). Grouped k / v heads are repeated to H (HF `repeat_kv`): [B, H, L, Hd]
+  more, the size of q. Scores and softmax in float32, scaled after the product (as HF); a row
+  with no visible key (left padding) averages uniformly instead of giving NaN.
+  """
+  b, l, h, hd = q.shape
+  groups = h // k.shape[2]
+  if groups > 1:
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  q, k, v = (nn.with_logical_constraint(jnp.swapaxes(t, 1, 2),
+                                        ("batch", "act_heads", "length", "act_kv"))
+             for t in (q, k, v))
+  scores = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None], scores * (hd ** -0.5), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhls,bhsd->bhld", probs, v), 1, 2)
 
 
 def _cached_attention(q, keys, values, mask):

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LORA_A = "_lora_a"
 LORA_B = "_lora_b"
@@ -42,12 +43,64 @@ def lora_a_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# --- dropout --------------------------------------------------------------------------------------
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0, k1, x0, x1):
+  """The Threefry-2x32 hash (20 rounds) of counters (x0, x1) under key (k0, k1), all uint32,
+  unrolled into elementwise ops. jax's own lowering of it on CPU is a 5-step rolled loop that
+  XLA:CPU neither fuses nor vectorises (measured ~8 ns per 32 random bits against ~2 ns here)."""
+  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for block in range(5):
+    for r in _THREEFRY_ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def bernoulli(key, p: float, shape) -> jax.Array:
+  """`jax.random.bernoulli(key, p, shape)`, bit for bit, for threefry keys (jax's default, with
+  its default `jax_threefry_partitionable`): the same 32 random bits per element (the hash of the
+  element's flat index), compared as `jax.random.uniform` does, in ops XLA:CPU vectorises.
+  Other key kinds (and arrays past 2**32 elements) use jax.random.bernoulli itself."""
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  size = int(np.prod(shape))
+  if (str(jax.random.key_impl(key)) != "threefry2x32" or size >= 2 ** 32
+      or not jax.config.jax_threefry_partitionable):
+    return jax.random.bernoulli(key, p, shape)
+  k = jax.random.key_data(key)
+  lo = jax.lax.iota(jnp.uint32, size).reshape(shape)  # the flat index; its high word is 0
+  hi, lo = _threefry2x32(k[0], k[1], jnp.zeros_like(lo), lo)
+  # uniform = mantissa / 2**23 with the top 23 bits as mantissa; u < p <=> mantissa < p * 2**23.
+  threshold = np.uint32(min(np.ceil(np.float64(np.float32(p)) * 2.0 ** 23), 2 ** 23))
+  return ((hi ^ lo) >> np.uint32(9)) < threshold
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout with flax `nn.Dropout`'s mask and scaling: x / (1 - rate) where kept,
+  0 elsewhere. key None or rate 0: x unchanged."""
+  if key is None or rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep = bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class LoraDense(nn.Module):
   """y = x @ kernel (+ bias) + (alpha / rank) * ((dropout(x) @ kernel_lora_a) @ kernel_lora_b).
 
   x [..., in] -> y [..., features]. rank 0 is a plain Dense (only `kernel`, `bias`).
   `kernel_axes` are the logical names of the kernel's (in, out) axes; A is (in, None), B
   (None, out). Dropout uses the 'dropout' rng stream when `deterministic` is False.
+  The dots run on x flattened to [N, in]: XLA:CPU's weight gradient of a dot over [B, L, in]
+  is much slower than over the same rows as one matrix (measured 11.9 vs 6.9 ms for [4, 256]).
   """
   features: int
   rank: int = 0
@@ -64,7 +117,8 @@ class LoraDense(nn.Module):
     in_axis, out_axis = self.kernel_axes
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    x = x.astype(self.dtype)
+    lead = x.shape[:-1]
+    x = x.astype(self.dtype).reshape(-1, x.shape[-1])
     y = jnp.dot(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
@@ -76,10 +130,11 @@ class LoraDense(nn.Module):
       b = self.param("kernel" + LORA_B,
                      nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
                      (self.rank, self.features), self.param_dtype)
-      xd = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+      key = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
+      xd = dropout(x, self.dropout, key)
       y = y + (self.alpha / self.rank) * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
                                                  b.astype(self.dtype))
-    return y
+    return y.reshape(lead + (self.features,))
 
 
 # --- functional tools over param trees -----------------------------------------------------------

@@ -45,6 +45,8 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
+from medplib_jax.models.lora import dropout
+
 DISPATCH_MODES = ("capacity", "dropless")
 LORA_TARGETS = ("gate", "up", "down")
 _PROJ_OF_TARGET = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -126,13 +128,6 @@ def route(logits: jax.Array, *, top_k: int, capacity: int | None,
                  tokens_per_expert, aux_loss, dropped_fraction)
 
 
-def _dropout(h, rate, key):
-  if key is None or rate == 0.0:
-    return h
-  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
-
-
 def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key, dtype):
   """The experts' SwiGLU FFN on dispatched tokens; `matmul(h, w)` applies the expert weights.
 
@@ -143,7 +138,7 @@ def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key,
     out = matmul(inp, params[name].astype(dtype))
     if name + "_lora_a" in params:
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-      low = matmul(_dropout(inp, lora_dropout, key), params[name + "_lora_a"].astype(dtype))
+      low = matmul(dropout(inp, lora_dropout, key), params[name + "_lora_a"].astype(dtype))
       out = out + lora_scale * matmul(low, params[name + "_lora_b"].astype(dtype))
     return out
 
