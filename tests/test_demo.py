@@ -53,3 +53,13 @@ def test_demo_fast_end_to_end(tmp_path):
     assert (export / "config.json").is_file(), export
     assert (export / "tokenizer" / "tokenizer_config.json").is_file(), export
     assert (workdir / f"stage{stage}" / "metrics.jsonl").is_file()
+
+
+def test_clip_standin_patch_coverage_worked_example():
+  from medplib_jax.train.standins import patch_coverage
+  # A 28 x 56 image on a 28 px canvas: resized to 14 x 28, centred (rows 7..20), patch 14 -> 2 x 2.
+  mask = np.zeros((28, 56), bool)
+  mask[:, :28] = True  # the left half of the image
+  cov = patch_coverage(mask, 28, 14)
+  # The image occupies canvas rows 7..20: half of each patch row; the mask is the left column.
+  np.testing.assert_allclose(cov, [0.5, 0.0, 0.5, 0.0])

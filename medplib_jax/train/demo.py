@@ -23,7 +23,11 @@ STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 
 FULL_STEPS = {1: 150, 2: 2000, 3: 900, 4: 1300}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
 # Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
-STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 300}, {"sam": 2, "clip": 2}
+STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 900}, {"sam": 2, "clip": 2}
+# The demo's CLIP tower: deeper and wider than the `tiny` test tower (3 computed layers of width
+# 128 instead of 1 of 64), so its frozen patch features can tell a small lesion from the organs
+# around it; the LLM cannot answer lesion questions from features that do not.
+DEMO_VISION = dict(width=128, depth=4, num_heads=4, mlp_dim=512)
 FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
 MAX_LENGTH = 128
 
@@ -109,7 +113,7 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
       f"--config.data.max_length={MAX_LENGTH}", f"--config.data.image_root={files['data_dir']}",
       f"--config.data.tokenizer={files['tokenizer']}", "--config.train.log_every=10",
       f"--config.train.checkpoint_every={max(steps, 1)}", "--config.optim.global_batch_size=8",
-  ]
+  ] + [f"--config.model.vision.{k}={v}" for k, v in DEMO_VISION.items()]
   train = {1: ["train_caption"], 2: ["train_C", "train_R"], 3: ["train_G"],
            4: ["train_C", "train_R", "train_G"]}[stage]
   overrides.append("--config.data.train=(" + ",".join(repr(files[t]) for t in train) + ",)")

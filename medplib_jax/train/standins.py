@@ -7,7 +7,9 @@ the recipe does:
 
 * SAM: promptable segmentation (SAM's task): box prompt -> mask, BCE + Dice, all SAM params.
 * CLIP: supervised image pre-training of the tower: modality (softmax) and structure presence
-  (sigmoid) heads on the mean patch feature; the heads are thrown away.
+  (sigmoid) heads on the mean patch feature, and a dense head that names the structures each
+  patch shows (sigmoid per class, target: the class's mask covers > 30 % of the patch), so the
+  patch features the LLM reads are local and semantic, as CLIP's are; the heads are thrown away.
 
 Each writes a model directory fragment `<out>/params` holding only its component (`sam` or
 `vision`), which stage 1 reads through `config.init.sam` / `config.init.clip`.
@@ -87,38 +89,62 @@ def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, step
   return out
 
 
+PATCH_COVERAGE = 0.3  # a patch "shows" a structure whose mask covers more than this of it
+
+
+def patch_coverage(mask, size: int, patch: int) -> np.ndarray:
+  """bool [H, W] mask -> float32 [(size // patch) ** 2]: the fraction of each CLIP patch it covers
+  on the CLIP canvas (resize longest side, centred pad)."""
+  on_canvas = canvas.mask_canvas(mask, size).astype(np.float32)
+  grid = size // patch
+  return on_canvas.reshape(grid, patch, grid, patch).mean(axis=(1, 3)).reshape(-1)
+
+
 def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps: int,
                   seed: int = 0, batch_size: int = 16, lr: float = 1e-3, log=print) -> str:
-  """Modality + structure-presence classification on the training images (one per image)."""
-  size = model_cfg.vision.image_size
+  """Modality, structure presence and per-patch structure classification on the training images
+  (one sample per image; structure masks from its grounding records)."""
+  size, patch = model_cfg.vision.image_size, model_cfg.vision.patch_size
   records = json.load(open(records_json))
   per_image = collections.OrderedDict()
   for r in records:
-    entry = per_image.setdefault(r["image"], {"modality": r.get("modality"), "structures": set()})
-    if r.get("structure"):
-      entry["structures"].add(r["structure"])
+    entry = per_image.setdefault(r["image"], {"modality": r.get("modality"), "masks": {}})
+    if r.get("task") == "G" and r.get("structure"):
+      entry["masks"][r["structure"]] = _mask_path(r)
   modalities = sorted({v["modality"] for v in per_image.values()})
-  names = sorted({s for v in per_image.values() for s in v["structures"]})
+  names = sorted({s for v in per_image.values() for s in v["masks"]})
   images = np.stack([canvas.clip_canvas(_load_image(image_root, k), size)[0] for k in per_image])
   modality = np.array([modalities.index(v["modality"]) for v in per_image.values()])
-  present = np.array([[n in v["structures"] for n in names] for v in per_image.values()], np.float32)
+  coverage = np.zeros((len(per_image), (size // patch) ** 2, len(names)), np.float32)
+  for i, v in enumerate(per_image.values()):
+    for name, rel in v["masks"].items():
+      mask = np.asarray(Image.open(os.path.join(image_root, rel))) > 0
+      coverage[i, :, names.index(name)] = patch_coverage(mask, size, patch)
+  present = (coverage.max(axis=1) > 0).astype(np.float32)
+  shows = (coverage > PATCH_COVERAGE).astype(np.float32)
 
   tower = ClipVisionTower(model_cfg.vision)
-  key_tower, key_head = jax.random.split(jax.random.key(seed))
+  width, classes = model_cfg.vision.width, len(modalities) + len(names)
+  key_tower, key_head, key_dense = jax.random.split(jax.random.key(seed), 3)
   params = {"vision": nn.unbox(tower.init(key_tower, images[:1])["params"]),
-            "head": {"w": jax.random.normal(key_head, (model_cfg.vision.width, len(modalities) + len(names))) * 0.02,
-                     "b": jnp.zeros((len(modalities) + len(names),))}}
+            "head": {"w": jax.random.normal(key_head, (width, classes)) * 0.02,
+                     "b": jnp.zeros((classes,))},
+            "dense": {"w": jax.random.normal(key_dense, (width, len(names))) * 0.02,
+                      "b": jnp.zeros((len(names),))}}
 
-  def loss_fn(p, image, mod, pres):
-    feats = tower.apply({"params": p["vision"]}, image).mean(axis=1)
-    logits = feats @ p["head"]["w"] + p["head"]["b"]
+  def loss_fn(p, image, mod, pres, patch_shows):
+    feats = tower.apply({"params": p["vision"]}, image)  # [B, N, W]
+    logits = feats.mean(axis=1) @ p["head"]["w"] + p["head"]["b"]
     mod_logits, pres_logits = logits[:, :len(modalities)], logits[:, len(modalities):]
+    patch_logits = feats @ p["dense"]["w"] + p["dense"]["b"]  # [B, N, classes]
     ce = optax.softmax_cross_entropy_with_integer_labels(mod_logits, mod).mean()
     bce = optax.sigmoid_binary_cross_entropy(pres_logits, pres).mean()
+    # Summed over classes (most patches show none): comparable in size to the image-level terms.
+    dense = optax.sigmoid_binary_cross_entropy(patch_logits, patch_shows).mean() * len(names)
     acc = (mod_logits.argmax(-1) == mod).mean()
-    return ce + bce, acc
+    return ce + bce + dense, acc
 
-  params = _fit(params, loss_fn, (images, modality, present), steps=steps, lr=lr,
+  params = _fit(params, loss_fn, (images, modality, present, shows), steps=steps, lr=lr,
                 batch_size=batch_size, seed=seed, log=log, label="CLIP", metric="modality acc")
   checkpointing.save_params(out, {"vision": params["vision"]})
   return out
