@@ -147,7 +147,11 @@ def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key,
 
 
 def _buffer_matmul(h, w):
-  return jnp.einsum("...ecd,edf->...ecf", h, w)
+  """Expert buffers [E, N, in] @ weights [E, in, out] -> [E, N, out], the expert axis leading
+  on both sides: XLA:CPU runs a dot whose batch axis is not the leading one (e.g. over
+  [G, E, C, D] buffers), and its gradients, several times slower (measured fwd + bwd of the
+  expert FFNs on [1, 2, 768, 256] buffers: 156 ms vs 42 ms as [2, 768, 256])."""
+  return jax.lax.dot_general(h, w, (((2,), (1,)), ((0,), (0,))))
 
 
 def _dispatch(x, expert_index, slot, kept, num_experts, capacity):
@@ -366,17 +370,22 @@ class MoeFeedForward(nn.Module):
 
   def _capacity_local(self, tokens, routing, params, capacity, group_axis, dropout_key, ffn):
     """Per group: scatter into [E, C, D] buffers, so the buffers are [G, E, C, D] with the groups
-    on the batch shards and the experts on `act_exp`; batched expert einsums; gather back."""
+    on the batch shards; the experts run on them laid out experts first, [E, G * C, D] (the
+    group axis, still on the batch shards, major in the rows), as one batched dot per
+    projection; gather back per group."""
     buffer_rows = min(capacity, tokens.shape[1])  # an expert never receives more than S tokens
     buffers, rows = jax.vmap(partial(_dispatch, num_experts=self.num_experts, capacity=buffer_rows))(
         tokens, routing.expert_index, routing.rank, routing.kept)
-    buffers = nn.with_logical_constraint(buffers, (group_axis, "act_exp", None, "act_embed"))
+    groups, experts, _, width = buffers.shape
+    h = jnp.swapaxes(buffers, 0, 1).reshape(experts, groups * buffer_rows, width)
+    h = nn.with_logical_constraint(h, ("act_exp", group_axis, "act_embed"))
     if self.split_experts:
-      out = jnp.stack([_swiglu_experts(p, buffers[:, e], jnp.matmul, dropout_key=None, **ffn)
-                       for e, p in enumerate(params)], axis=1)
+      out = jnp.stack([_swiglu_experts(p, h[e], jnp.matmul, dropout_key=None, **ffn)
+                       for e, p in enumerate(params)])
     else:
-      out = _swiglu_experts(params, buffers, _buffer_matmul, dropout_key=dropout_key, **ffn)
-    out = nn.with_logical_constraint(out, (group_axis, "act_exp", None, "act_embed"))
+      out = _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
+    out = nn.with_logical_constraint(out, ("act_exp", group_axis, "act_embed"))
+    out = jnp.swapaxes(out.reshape(experts, groups, buffer_rows, width), 0, 1)
     return jax.vmap(_combine)(out, rows, routing.combine_weight)
 
   def _capacity_expert_parallel(self, tokens, expert_index, kept, weight, params, capacity,
