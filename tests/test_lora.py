@@ -115,3 +115,14 @@ def test_trainable_mask_regexes_and_expert_adapters():
   assert not mlp["gate_proj"] and mask["llm"]["lm_head"]["kernel"]
   no_lora = trainable_mask(params, (r"^llm/lm_head",), train_lora=False)
   assert not no_lora["llm"]["layers"]["mlp"]["gate_proj_lora_a"]
+
+
+@pytest.mark.parametrize("p", [0.95, 0.5, 1 / 3, 0.0, 1.0])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 257)])
+def test_bernoulli_is_jax_random_bernoulli_bit_for_bit(p, shape):
+  """The vectorised threefry mask equals jax.random.bernoulli (and so nn.Dropout's) for new-style
+  and raw uint32 keys."""
+  from medplib_jax.models.lora import bernoulli
+  for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+    mine = jax.jit(lambda k: bernoulli(k, p, shape))(key)
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(jax.random.bernoulli(key, p, shape)))
