@@ -40,7 +40,7 @@ NOTES = (
 
 def decode_step_fn(moe_cfg, batch, one_expert=False):
   """A jitted one-token decode step on a cache with FILLED prompt tokens, in the inference
-  layout; returns (a thunk running it, weight bytes of the FFNs read per token set)."""
+  layout; returns a thunk running one step."""
   cfg = ml_collections.ConfigDict(CFG)
   # Distinct tokens per row, so a mixed batch routes to both experts as real traffic does.
   ids = jax.random.randint(jax.random.key(1), (batch, 1), 3, CFG["vocab_size"])
@@ -54,8 +54,20 @@ def decode_step_fn(moe_cfg, batch, one_expert=False):
   cache = init_cache(llm_cfg, batch, CACHE)
   cache = dict(cache, mask=cache["mask"].at[:, :FILLED].set(True),
                index=jnp.asarray(FILLED, jnp.int32), lengths=jnp.full((batch,), FILLED, jnp.int32))
-  step = jax.jit(lambda p, c: model.apply({"params": p}, ids, cache=c)["logits"])
-  return lambda: jax.block_until_ready(step(params, cache))
+
+  def apply(p, c):
+    out = model.apply({"params": p}, ids, cache=c)
+    return out["cache"], out["logits"]
+
+  # The cache is donated and fed back, so the step updates it in place as `generate` does
+  # (a copy of the whole cache per step would dominate batch 8). Each call fills one more slot.
+  step = jax.jit(apply, donate_argnums=1)
+  state = {"cache": cache}
+
+  def run():
+    state["cache"], logits = step(params, state["cache"])
+    jax.block_until_ready(logits)
+  return run
 
 
 def weight_bytes_bound():
