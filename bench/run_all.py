@@ -113,7 +113,11 @@ def aot_section(r: dict) -> list[str]:
            f"Reproduce: `{r.get('command', 'make aot')}`. Sequence length {r.get('seq_len')}; "
            "train steps use one sequence per device. Peak = arguments + outputs - donated aliases "
            "+ temporaries, per device, from `compiled.memory_analysis()` of the CPU compile "
-           "(the XLA CPU backend, so buffer assignment differs somewhat from TPU/GPU).", "",
+           "(the XLA CPU backend, so buffer assignment differs somewhat from TPU/GPU). XLA:CPU has "
+           "no bf16 dot: it converts bf16 weights to f32 copies for its dots (seen in the "
+           "compiled HLO as `convert` to `f32[4096,11008]` and the like), which is most of the "
+           "decode steps' temp; GPU and TPU dots take bf16 directly, so there a decode step needs "
+           "about its arguments.", "",
            "| step | devices | layout (mesh) | global batch | peak GiB/device | args GiB | temp GiB | "
            + " | ".join(f"fits {k} ({v} GiB)" for k, v in targets.items())
            + " | XLA TFLOP/device | model TFLOP/device | compile s |",
