@@ -13,6 +13,7 @@ contents of the `params` collection).
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -89,8 +90,26 @@ def dropout(x, rate: float, key):
     return x
   if rate >= 1.0:
     return jnp.zeros_like(x)
-  keep = bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+  return _keep_scaled(x, bernoulli(key, 1.0 - rate, x.shape), 1.0 - rate)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _keep_scaled(x, keep, keep_prob: float):
+  """where(keep, x / keep_prob, 0). The gradient reads the mask saved by the forward pass: XLA
+  otherwise fuses the mask's hash into every consumer, forward and backward alike."""
+  return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
+
+
+def _keep_scaled_fwd(x, keep, keep_prob):
+  keep = jax.lax.optimization_barrier(keep)  # one materialised mask for both passes
+  return _keep_scaled(x, keep, keep_prob), keep
+
+
+def _keep_scaled_bwd(keep_prob, keep, g):
+  return jnp.where(keep, g / keep_prob, 0.0).astype(g.dtype), None
+
+
+_keep_scaled.defvjp(_keep_scaled_fwd, _keep_scaled_bwd)
 
 
 class LoraDense(nn.Module):
