@@ -28,6 +28,10 @@ STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 900}, {"sam": 2, "clip"
 # 128 instead of 1 of 64), so its frozen patch features can tell a small lesion from the organs
 # around it; the LLM cannot answer lesion questions from features that do not.
 DEMO_VISION = dict(width=128, depth=4, num_heads=4, mlp_dim=512)
+# The demo's LLM: wider and deeper than the `tiny` test LLM. It starts from random weights (no
+# pretrained LLaMA is reachable), so stage 2 trains all of it rather than LoRA adapters on a
+# pretrained base; with LoRA or at 2 x 128 it did not learn to find lesions in the image tokens.
+DEMO_LLM = dict(width=256, depth=4, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=688)
 FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
 MAX_LENGTH = 128
 
@@ -114,6 +118,7 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
       f"--config.data.tokenizer={files['tokenizer']}", "--config.train.log_every=10",
       f"--config.train.checkpoint_every={max(steps, 1)}", "--config.optim.global_batch_size=8",
   ] + [f"--config.model.vision.{k}={v}" for k, v in DEMO_VISION.items()]
+  overrides += [f"--config.model.llm.{k}={v}" for k, v in DEMO_LLM.items()]
   train = {1: ["train_caption"], 2: ["train_C", "train_R"], 3: ["train_G"],
            4: ["train_C", "train_R", "train_G"]}[stage]
   overrides.append("--config.data.train=(" + ",".join(repr(files[t]) for t in train) + ",)")
@@ -125,6 +130,10 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
   if stage == 2:
     # The option SPEC.md offers: train the region adapter with the VQA expert (reference: frozen).
     overrides.append("--config.train_region_adapter=True")
+    # A random LLM (see DEMO_LLM): train it whole.
+    trainable = tuple(load_config(os.path.join(configs_dir(), f"{STAGE_FILES[2]}:tiny")).trainable)
+    overrides += ["--config.lora.rank=0",
+                  "--config.trainable=(" + ",".join(repr(t) for t in trainable + ("^llm/",)) + ",)"]
   if stage == 1 and files.get("standins"):
     overrides += [f"--config.init.clip={files['standins']['clip']}",
                   f"--config.init.sam={files['standins']['sam']}"]
