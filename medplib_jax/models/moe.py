@@ -31,7 +31,8 @@ Expert layouts: training keeps the experts stacked on a leading axis (`gate_proj
 which the expert mesh axis shards. Inference may split them (`split_experts=True`: `gate_proj_0`,
 `gate_proj_1`, ... each [D, F]; see `split_expert_params`), so a decode step's dots read the
 routed expert's weights where they lie instead of a copy sliced out of the stack (XLA:CPU copies
-such slices). The split layout has no LoRA (merge it first) and no expert parallelism.
+such slices). The split layout has no LoRA (merge it first) and no expert parallelism; calls with more tokens
+than a decode step (a prefill) re-stack the experts once and take the usual buffer paths.
 """
 
 import math
@@ -319,7 +320,10 @@ class MoeFeedForward(nn.Module):
     if self.split_experts and expert_parallel > 1:
       raise MoeConfigError(f"split_experts cannot run expert-parallel (mesh axis "
                            f"{self.expert_axis!r} has size {expert_parallel}); use stacked experts")
-    if batch * length <= self.decode_max_tokens and expert_parallel == 1:
+    decode = batch * length <= self.decode_max_tokens and expert_parallel == 1
+    if self.split_experts and not decode:  # the buffer paths want the stack: one per call (prefill)
+      params = {name: jnp.stack([p[name] for p in params]) for name in params[0]}
+    if decode:
       y = self._used_experts_only(flat(tokens), flat(routing.expert_index), flat(routing.kept),
                                   flat(routing.combine_weight), params, dropout_key, ffn)
     elif self.dispatch == "capacity" and expert_parallel > 1:
@@ -328,9 +332,6 @@ class MoeFeedForward(nn.Module):
                                          capacity, dropout_key, ffn)
     elif self.dispatch == "capacity":
       y = self._capacity_local(tokens, routing, params, capacity, group_axis, dropout_key, ffn)
-    elif self.split_experts:  # ragged_dot wants the stack: built per call (inference prefill)
-      stacked = {name: jnp.stack([p[name] for p in params]) for name in params[0]}
-      y = self._dropless_local(tokens, routing, stacked, dropout_key, ffn)
     elif expert_parallel > 1:
       y = self._dropless_expert_parallel(flat(tokens), flat(routing.expert_index),
                                          flat(routing.combine_weight), params, dropout_key, ffn)
@@ -379,11 +380,7 @@ class MoeFeedForward(nn.Module):
     groups, experts, _, width = buffers.shape
     h = jnp.swapaxes(buffers, 0, 1).reshape(experts, groups * buffer_rows, width)
     h = nn.with_logical_constraint(h, ("act_exp", group_axis, "act_embed"))
-    if self.split_experts:
-      out = jnp.stack([_swiglu_experts(p, h[e], jnp.matmul, dropout_key=None, **ffn)
-                       for e, p in enumerate(params)])
-    else:
-      out = _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
+    out = _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
     out = nn.with_logical_constraint(out, ("act_exp", group_axis, "act_embed"))
     out = jnp.swapaxes(out.reshape(experts, groups, buffer_rows, width), 0, 1)
     return jax.vmap(_combine)(out, rows, routing.combine_weight)
