@@ -223,3 +223,31 @@ def test_sharded_forward_matches_single_device(hf_dir):
     assert tuple(placed["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec) == (None, "fsdp", "tensor")
     logits = jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask)["logits"])(placed)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
+
+
+def test_attention_gradient_matches_autodiff_of_plain_softmax():
+  """`_full_attention`'s written-out gradient equals autodiff of a plain softmax attention: right
+  and left padding (query rows that see no key average uniformly), grouped k / v heads."""
+  from medplib_jax.models.llama import _full_attention
+  b, length, heads, kv_heads, hd = 2, 12, 4, 2, 8
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (b, length, heads, hd))
+  k, v = (jax.random.normal(kk, (b, length, kv_heads, hd)) for kk in keys[1:3])
+  cotangent = jax.random.normal(keys[3], (b, length, heads, hd))
+  real = np.ones((b, length), bool)
+  real[0, 9:] = False   # right padding
+  real[1, :3] = False   # left padding: query rows 0-2 see no key
+  mask = jnp.tril(jnp.ones((length, length), bool))[None] & jnp.asarray(real)[:, None, :]
+
+  def plain(q, k, v):
+    k, v = jnp.repeat(k, heads // kv_heads, axis=2), jnp.repeat(v, heads // kv_heads, axis=2)
+    scores = jnp.einsum("blhd,bshd->bhls", q, k) * hd ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min), -1)
+    return jnp.einsum("bhls,bshd->blhd", probs, v)
+
+  ours, ours_vjp = jax.vjp(lambda q, k, v: _full_attention(q, k, v, mask), q, k, v)
+  theirs, theirs_vjp = jax.vjp(plain, q, k, v)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ours[1, 0]), np.asarray(v[1].mean(0).repeat(2, 0)), atol=1e-6)
+  for name, a, b_ in zip("qkv", ours_vjp(cotangent), theirs_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, err_msg=f"d{name}")

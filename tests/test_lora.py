@@ -119,10 +119,32 @@ def test_trainable_mask_regexes_and_expert_adapters():
 
 @pytest.mark.parametrize("p", [0.95, 0.5, 1 / 3, 0.0, 1.0])
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 257)])
-def test_bernoulli_is_jax_random_bernoulli_bit_for_bit(p, shape):
-  """The vectorised threefry mask equals jax.random.bernoulli (and so nn.Dropout's) for new-style
+def test_bernoulli_is_16_bit_words_of_jax_threefry(p, shape):
+  """The vectorised mask equals one built from jax's own Threefry-2x32 (jax.extend.random) on
+  counters (0, i): four 16-bit words per hash, compared with round(p * 2**16); for new-style
   and raw uint32 keys."""
+  from jax.extend.random import threefry_2x32
+
   from medplib_jax.models.lora import bernoulli
+  size = int(np.prod(shape))
+  n = -(-size // 4)
   for key in (jax.random.key(3), jax.random.PRNGKey(4)):
-    mine = jax.jit(lambda k: bernoulli(k, p, shape))(key)
-    np.testing.assert_array_equal(np.asarray(mine), np.asarray(jax.random.bernoulli(key, p, shape)))
+    mine = np.asarray(jax.jit(lambda k: bernoulli(k, p, shape))(key))
+    data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+    counters = jnp.concatenate([jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)])
+    hashed = np.asarray(threefry_2x32((data[0], data[1]), counters))
+    hi, lo = hashed[:n], hashed[n:]
+    words = np.concatenate([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF])[:size]
+    np.testing.assert_array_equal(mine, (words < round(p * 2 ** 16)).reshape(shape))
+
+
+def test_bernoulli_rate_and_key_dependence():
+  from medplib_jax.models.lora import bernoulli
+  key = jax.random.key(0)
+  mask = np.asarray(bernoulli(key, 0.95, (1000, 1000)))
+  assert abs(mask.mean() - 0.95) < 1e-3
+  # The four words of one hash land far apart; neighbours stay uncorrelated.
+  flat = mask.reshape(-1).astype(np.float32)
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3
+  other = np.asarray(bernoulli(jax.random.fold_in(key, 1), 0.95, (1000, 1000)))
+  assert 0.08 < (mask != other).mean() < 0.11  # independent masks: 2 * 0.95 * 0.05 differ

@@ -65,27 +65,31 @@ def _threefry2x32(k0, k1, x0, x1):
 
 
 def bernoulli(key, p: float, shape) -> jax.Array:
-  """`jax.random.bernoulli(key, p, shape)`, bit for bit, for threefry keys (jax's default, with
-  its default `jax_threefry_partitionable`): the same 32 random bits per element (the hash of the
-  element's flat index), compared as `jax.random.uniform` does, in ops XLA:CPU vectorises.
-  Other key kinds (and arrays past 2**32 elements) use jax.random.bernoulli itself."""
+  """A Bernoulli(p) mask of `shape` from 16 random bits per element, in ops XLA:CPU vectorises:
+  the Threefry-2x32 hash of counter i (key as `jax.random`'s threefry keys hold it) gives 64
+  bits, the four 16-bit words of elements i, n + i, 2n + i and 3n + i (n = ceil(size / 4)), and
+  an element is True where its word < round(p * 2**16): p is resolved to 2**-16. A quarter of
+  the hashes of `jax.random.bernoulli`, which spends one 32-bit hash per element (LoRA dropout
+  masks were the largest elementwise cost of a CPU train step). Other key kinds, and arrays of
+  2**34 elements or more, use jax.random.bernoulli itself."""
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
   size = int(np.prod(shape))
-  if (str(jax.random.key_impl(key)) != "threefry2x32" or size >= 2 ** 32
-      or not jax.config.jax_threefry_partitionable):
+  quarter = -(-size // 4)
+  if str(jax.random.key_impl(key)) != "threefry2x32" or quarter >= 2 ** 32:
     return jax.random.bernoulli(key, p, shape)
   k = jax.random.key_data(key)
-  lo = jax.lax.iota(jnp.uint32, size).reshape(shape)  # the flat index; its high word is 0
-  hi, lo = _threefry2x32(k[0], k[1], jnp.zeros_like(lo), lo)
-  # uniform = mantissa / 2**23 with the top 23 bits as mantissa; u < p <=> mantissa < p * 2**23.
-  threshold = np.uint32(min(np.ceil(np.float64(np.float32(p)) * 2.0 ** 23), 2 ** 23))
-  return ((hi ^ lo) >> np.uint32(9)) < threshold
+  counter = jax.lax.iota(jnp.uint32, quarter)
+  hi, lo = _threefry2x32(k[0], k[1], jnp.zeros_like(counter), counter)
+  words = jnp.concatenate([hi >> np.uint32(16), hi & np.uint32(0xFFFF),
+                           lo >> np.uint32(16), lo & np.uint32(0xFFFF)])
+  threshold = np.uint32(int(round(float(p) * 2 ** 16)))
+  return (words[:size] < threshold).reshape(shape)
 
 
 def dropout(x, rate: float, key):
-  """Inverted dropout with flax `nn.Dropout`'s mask and scaling: x / (1 - rate) where kept,
-  0 elsewhere. key None or rate 0: x unchanged."""
+  """Inverted dropout as flax `nn.Dropout` scales it: x / (1 - rate) where kept, 0 elsewhere;
+  the keep mask is `bernoulli(key, 1 - rate)`. key None or rate 0: x unchanged."""
   if key is None or rate == 0.0:
     return x
   if rate >= 1.0:
