@@ -9,10 +9,10 @@ Two modes (SPEC.md, Evaluation):
   agree; for non-square ones the reference mask is shifted and stretched.
 Bilinear resizing matches torch `F.interpolate(mode="bilinear", align_corners=False)` (no
 antialiasing), so both modes are reproducible against the reference.
+All of it runs on the host in NumPy: every image has its own size, and per-shape XLA kernels
+(eager jnp ops) recompile for each new size.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from medplib_jax.data.canvas import CanvasGeometry
@@ -34,7 +34,7 @@ def _axis_weights(in_size: int, out_size: int):
 
 def resize_bilinear(x, out_hw: tuple[int, int]):
   """[..., H, W] -> [..., out_h, out_w], as torch F.interpolate(bilinear, align_corners=False)."""
-  x = jnp.asarray(x, jnp.float32)
+  x = np.asarray(x, np.float32)
   h, w = x.shape[-2:]
   if (h, w) == tuple(out_hw):
     return x
@@ -59,7 +59,7 @@ def postprocess_logits(low_res, geometry: CanvasGeometry, mode: str = "correct")
   """low_res [N, 4h, 4w] (or [4h, 4w]) logits on the SAM canvas -> float logits [N, H, W] (original)."""
   if mode not in MODES:
     raise ValueError(f"unknown post-processing mode {mode!r}; choose one of {MODES}")
-  low_res = jnp.asarray(low_res, jnp.float32)
+  low_res = np.asarray(low_res, np.float32)
   if mode == "correct":
     canvas = resize_bilinear(low_res, (geometry.size, geometry.size))
     rh, rw = geometry.resized_hw
@@ -73,4 +73,6 @@ def postprocess_logits(low_res, geometry: CanvasGeometry, mode: str = "correct")
 
 def masks_from_logits(logits, threshold_prob: float = 0.5):
   """Binary masks: sigmoid(logits) > threshold_prob (the reference evaluation uses 0.1)."""
-  return jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)) > threshold_prob
+  logits = np.asarray(logits, np.float32)
+  with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: sigmoid 0
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-logits)) > np.float32(threshold_prob)
