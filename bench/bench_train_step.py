@@ -573,10 +573,11 @@ def main(argv=None):
       compile_s=compile_s, first_loss=first_loss,
       **({"profile_ours_variants_median_s": profile} if profile else {}),
       ours_notes=[
-          "attention off cuDNN (here: CPU, fp32) is heads-first einsums (llama._full_attention)",
-          "LoRA / projection dots run on [B * L, in] rows; LoRA dropout masks are jax's threefry "
-          "bits (same masks as nn.Dropout) computed with unrolled, vectorised ops, once per step: "
-          "the backward pass reads the forward's saved mask (lora._keep_scaled)",
+          "attention off cuDNN (here: CPU, fp32) is heads-first einsums with a written-out "
+          "gradient that recomputes the probabilities (llama._softmax_attention)",
+          "LoRA / projection dots run on [B * L, in] rows; LoRA dropout masks take 16 threefry "
+          "bits per element (four elements per hash) computed with unrolled, vectorised ops, once "
+          "per step: the backward pass reads the forward's saved mask (lora._keep_scaled)",
           "capacity MoE: [E, G * C, D] expert buffers with the expert axis leading in the dots; "
           "dispatch / combine are a scatter / gather per routing group (~1 ms per layer here)",
           "tried and dropped: running the expert buffers in 128-row blocks under lax.cond that skip "
