@@ -63,3 +63,30 @@ def test_clip_standin_patch_coverage_worked_example():
   cov = patch_coverage(mask, 28, 14)
   # The image occupies canvas rows 7..20: half of each patch row; the mask is the left column.
   np.testing.assert_allclose(cov, [0.5, 0.0, 0.5, 0.0])
+
+
+def test_pack_turns_worked_example(tmp_path):
+  """One image's single-turn questions -> conversations of <= max_turns rounds, `<image>` in the
+  first human turn only, every question kept once; the packed record parses as one sample with a
+  region slot per region turn."""
+  from medplib_jax.data import mecovqa
+  from medplib_jax.train.demo import pack_turns
+
+  def record(i, image, question, answer):
+    return {"id": f"r{i}", "image": image, "task": "R", "modality": "ct",
+            "conversations": [{"from": "human", "value": "<image>\n" + question},
+                              {"from": "gpt", "value": answer}]}
+
+  records = [record(i, "a.png", f"What is in <region>reg_{i}.png</region>?", f"organ {i}")
+             for i in range(5)] + [record(5, "b.png", "What is in <region>reg_5.png</region>?", "x")]
+  packed = pack_turns(records, max_turns=2, seed=0)
+  assert [len(r["conversations"]) // 2 for r in packed] == [2, 2, 1, 1]
+  assert [r["image"] for r in packed] == ["a.png"] * 3 + ["b.png"]
+  answers = [t["value"] for r in packed for t in r["conversations"] if t["from"] == "gpt"]
+  assert sorted(answers) == sorted(r["conversations"][1]["value"] for r in records)
+  for r in packed:
+    humans = [t["value"] for t in r["conversations"] if t["from"] == "human"]
+    assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+    parsed = mecovqa.parse_record(r)
+    assert parsed.task == "R" and len(parsed.region_paths) == len(humans)
+  assert pack_turns(records, 2, seed=0) == packed  # seeded: the same order every run

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 4: "stage4_moe.py"}
 # Training steps per stage (full demo / --fast) and the shared tiny-run settings.
-FULL_STEPS = {1: 150, 2: 2000, 3: 900, 4: 1300}
+FULL_STEPS = {1: 150, 2: 1200, 3: 500, 4: 700}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
 # Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
 STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 900}, {"sam": 2, "clip": 2}
@@ -33,7 +33,11 @@ DEMO_VISION = dict(width=128, depth=4, num_heads=4, mlp_dim=512)
 # pretrained base; with LoRA or at 2 x 128 it did not learn to find lesions in the image tokens.
 DEMO_LLM = dict(width=256, depth=4, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=688)
 FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
-MAX_LENGTH = 128
+# Training conversations are multi-turn, as MeCoVQA's are: an image's questions of one task are
+# packed into conversations of up to this many turns (pack_turns), so its image tokens are read
+# once for several answers. The region / grounding counts set the model's region and mask slots.
+MAX_TURNS = {"C": 3, "R": 2, "G": 2}
+MAX_LENGTH = 136  # the longest packed training conversation is 129 tokens
 
 
 def add_arguments(p):
@@ -72,7 +76,11 @@ def prepare_data(workdir: str, images: int, seed: int) -> dict:
   for split in ("train", "test"):
     records = json.load(open(os.path.join(data_dir, f"{split}.json")))
     for task in "CRG":
-      files[f"{split}_{task}"] = _write(data_dir, f"{split}_{task}", [r for r in records if r.get("task") == task])
+      single = [r for r in records if r.get("task") == task]
+      files[f"{split}_{task}"] = _write(data_dir, f"{split}_{task}", single)
+      if split == "train":
+        files[f"train_{task}_turns"] = _write(data_dir, f"train_{task}_turns",
+                                              pack_turns(single, MAX_TURNS[task], seed))
     if split == "train":
       files["train_caption"] = _write(data_dir, "train_caption", captions(records))
   files.update(data_dir=data_dir, tokenizer=tok_dir, test=os.path.join(data_dir, "test.json"))
@@ -89,6 +97,30 @@ def _write(data_dir, name, records) -> str:
 
 def caption_text(record) -> str:
   return record["conversations"][1]["value"]
+
+
+def pack_turns(records, max_turns: int, seed: int) -> list[dict]:
+  """Single-turn records -> multi-turn ones: each image's questions (in a seeded random order, so
+  every kind of question also comes first) in conversations of up to `max_turns` rounds; the
+  `<image>` stays in the first human turn only. Held-out evaluation keeps single-turn records."""
+  rng = np.random.default_rng(seed)
+  by_image = collections.defaultdict(list)
+  for r in records:
+    by_image[r["image"]].append(r)
+  out = []
+  for image, group in by_image.items():
+    group = [group[i] for i in rng.permutation(len(group))]
+    for start in range(0, len(group), max_turns):
+      conversation = []
+      for r in group[start:start + max_turns]:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if conversation:
+          question = question.replace("<image>\n", "")
+        conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+      first = group[start]
+      out.append({"id": f"{first['id']}_turns", "image": image, "task": first["task"],
+                  "modality": first.get("modality"), "conversations": conversation})
+  return out
 
 
 def captions(records) -> list[dict]:
@@ -119,8 +151,10 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
       f"--config.train.checkpoint_every={max(steps, 1)}", "--config.optim.global_batch_size=8",
   ] + [f"--config.model.vision.{k}={v}" for k, v in DEMO_VISION.items()]
   overrides += [f"--config.model.llm.{k}={v}" for k, v in DEMO_LLM.items()]
-  train = {1: ["train_caption"], 2: ["train_C", "train_R"], 3: ["train_G"],
-           4: ["train_C", "train_R", "train_G"]}[stage]
+  overrides += [f"--config.model.region.max_regions={MAX_TURNS['R']}",
+                f"--config.model.grounding.max_masks={MAX_TURNS['G']}"]
+  train = {1: ["train_caption"], 2: ["train_C_turns", "train_R_turns"], 3: ["train_G_turns"],
+           4: ["train_C_turns", "train_R_turns", "train_G_turns"]}[stage]
   overrides.append("--config.data.train=(" + ",".join(repr(files[t]) for t in train) + ",)")
   prev = lambda s: os.path.join(workdir, f"stage{s}", "export")
   if stage in (2, 3):
@@ -249,11 +283,12 @@ def run(args) -> int:
   steps = FAST_STEPS if args.fast else FULL_STEPS
   for stage in (1, 2, 3, 4):
     cfg = stage_config(stage, files, workdir, steps[stage], FULL_LR[stage])
-    print(f"[demo] stage {stage}: {steps[stage]} steps")
+    print(f"[demo] stage {stage}: {steps[stage]} steps ({time.time() - t0:.0f} s)")
     result = run_from_config(cfg, os.path.join(workdir, f"stage{stage}"))
-    print(f"[demo] stage {stage} done: " + ", ".join(
+    print(f"[demo] stage {stage} done ({time.time() - t0:.0f} s): " + ", ".join(
         f"{k}={result.final_metrics[k]:.4g}" for k in ("loss", "ce", "mask_dice")
         if k in result.final_metrics))
+  print(f"[demo] evaluating the trained model ({time.time() - t0:.0f} s)")
   after = evaluate_model(os.path.join(workdir, "stage4", "export"), files, limit,
                          os.path.join(workdir, "eval_after"))
   pictures = overlays(after["model"], files, os.path.join(workdir, "report"))
