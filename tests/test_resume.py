@@ -6,6 +6,7 @@ The runs use the tiny stage-1 config with a 1-layer LLM on one CPU device and sh
 XLA compilation cache, so only the first run compiles.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -135,6 +136,8 @@ def test_sigterm_checkpoints_exits_0_and_resumes_to_the_same_params(data, refere
   log = _log(workdir)
   assert "SIGTERM" in log and "preempted: checkpoint at step" in log, log[-3000:]
   stopped = _finished_steps(workdir)[-1]
+  summary = json.loads(next(l for l in log.splitlines() if l.startswith('{"steps"')))
+  assert summary["preempted"] is True and summary["steps"] == stopped and summary["export"] == ""
   assert stopped < STEPS and not os.path.exists(os.path.join(str(workdir), "export"))
   _run(data, workdir)
   assert f"resumed from step {stopped}" in _log(workdir)

@@ -68,5 +68,6 @@ def run(args) -> int:
   from medplib_jax.train import run_stage
   result = run_stage.run_from_config(cfg, args.workdir)
   print(json.dumps({"steps": result.steps, "export": result.export_dir,
+                    "preempted": result.preempted, "skipped_steps": result.skipped_steps,
                     "final": {k: float(np.round(v, 6)) for k, v in result.final_metrics.items()}}))
   return 0
