@@ -120,6 +120,23 @@ def test_region_and_vqa_tasks(model, data):
   assert vqa["num_open"] + vqa["num_closed"] == 2
 
 
+def test_later_rounds_are_counted_not_dropped(model, data, capsys):
+  """A two-round record is scored on its first question; its second round is reported."""
+  with open(data) as f:
+    records = [r for r in json.load(f) if r["task"] == "C"][:2]
+  first = records[0]
+  two_rounds = dict(first, id="two_rounds", conversations=first["conversations"] + [
+      {"from": "human", "value": "and the modality?"}, {"from": "gpt", "value": "ct"}])
+  root = os.path.dirname(data)
+  metrics = runner.evaluate(model, [two_rounds, records[1]], root, "vqa", "correct",
+                            batch_size=BATCH, max_new_tokens=NEW)
+  assert metrics["num_records"] == 2 and metrics["rounds_not_scored"] == 1
+  assert "1 later round(s) of multi-turn records are not scored" in capsys.readouterr().err
+  single = runner.evaluate(model, records, root, "vqa", "correct", batch_size=BATCH,
+                           max_new_tokens=NEW)
+  assert single["rounds_not_scored"] == 0
+
+
 def test_eval_cli_and_refused_mismatched_resume(model, data, tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(api.MedPLIB, "from_pretrained", classmethod(lambda cls, *a, **k: model))
   out = str(tmp_path / "cli")

@@ -7,6 +7,8 @@
 * with `out_dir`, each finished record is appended to `predictions.jsonl` at once, and a rerun
   skips the ids found there (resumable); `metrics.json` is written at the end. `run.json` records
   the settings, and a rerun with different settings is refused rather than mixed in;
+* each record is scored on its first question; later rounds of multi-turn records are counted
+  in `rounds_not_scored` (and reported on stderr), not scored;
 * metrics are computed from the prediction rows (so a resumed run scores all of them):
   vqa / region -> `VqaAccumulator` (closed accuracy, open recall / F1 / BLEU / open accuracy) plus
   `accuracy` = share of normalised answers equal to the reference answer (all questions);
@@ -160,6 +162,13 @@ def evaluate(model_api, records, image_root: str = "", task: str = "vqa", mode: 
     if limit is not None and len(items) >= limit:
       break
   todo = [(k, raw) for k, raw in items if k not in done]
+  # Each record is scored on its first question; later rounds of multi-turn records are counted
+  # (and reported) rather than dropped silently.
+  later_rounds = sum(max(0, sum(t["from"] == GPT for t in raw.conversations) - 1)
+                     for _, raw in items if not isinstance(raw, BadRecord))
+  if later_rounds:
+    print(f"eval {task}: {later_rounds} later round(s) of multi-turn records are not scored "
+          f"(each record is scored on its first question)", file=sys.stderr)
 
   bar = None
   if progress:
@@ -187,6 +196,7 @@ def evaluate(model_api, records, image_root: str = "", task: str = "vqa", mode: 
       bar.close()
 
   metrics = metrics_from_rows([done[k] for k, _ in items if k in done], task, mode)
+  metrics["rounds_not_scored"] = later_rounds
   if out_dir:
     with open(os.path.join(out_dir, METRICS), "w") as f:
       json.dump(metrics, f, indent=1)
