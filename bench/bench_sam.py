@@ -10,6 +10,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One compute thread for XLA, as torch gets below: like for like (the decoder's ops are small, and
+# XLA:CPU's thread pool mostly adds synchronisation to them).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,7 +56,7 @@ def main():
   hf = tiny_hf_sam(cfg)
   params, report = load_sam({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
   assert not report["unmapped"], report
-  params = {"params": params}
+  params = jax.device_put({"params": params})  # weights live on the device, as torch's do
   model = SamMed2D(cfg)
 
   rng = np.random.default_rng(0)
