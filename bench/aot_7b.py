@@ -172,7 +172,8 @@ def compile_decode(devices: int, layout: str) -> dict:
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           sharding.strip_boxes(boxed), param_sh)
     cache = jax.eval_shape(lambda: init_cache(llm_cfg, 1, DECODE_CACHE, jnp.bfloat16))
-    kv_spec = PartitionSpec(None, None, "tensor" if mesh.shape["tensor"] > 1 else None, None, None)  # kv heads
+    # The cache is [layers, B, KV heads, slots, Hd]: tensor parallelism splits the KV heads.
+    kv_spec = PartitionSpec(None, None, "tensor" if mesh.shape["tensor"] > 1 else None, None, None)
     cache_sh = {k: NamedSharding(mesh, kv_spec if k in ("k", "v") else PartitionSpec()) for k in cache}
     cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cache_sh[k]) for k, v in cache.items()}
     token_sh = NamedSharding(mesh, PartitionSpec())

@@ -93,7 +93,7 @@ def main():
       command="python bench/bench_sam.py",
       inputs={"config": "sam_config('tiny') without adapters", "num_prompts": NUM_PROMPTS,
               "image_size": cfg.image_size, "prompt_embed_dim": cfg.prompt_embed_dim,
-              "dtype": "float32", "device": "CPU"},
+              "dtype": "float32", "device": "CPU", "threads": "1 (XLA and torch)"},
       timings=timings, ratio=ratio,
       ratio_means="torch per-prompt loop time / our batched call time (higher = ours faster)",
       goal=">= 5",

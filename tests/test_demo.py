@@ -65,7 +65,7 @@ def test_clip_standin_patch_coverage_worked_example():
   np.testing.assert_allclose(cov, [0.5, 0.0, 0.5, 0.0])
 
 
-def test_pack_turns_worked_example(tmp_path):
+def test_pack_turns_worked_example():
   """One image's single-turn questions -> conversations of <= max_turns rounds, `<image>` in the
   first human turn only, every question kept once; the packed record parses as one sample with a
   region slot per region turn."""

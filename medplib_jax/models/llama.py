@@ -208,16 +208,12 @@ def _full_attention(q, k, v, mask):
   return jnp.swapaxes(_softmax_attention(q, k, v, mask), 1, 2)
 
 
-def _attention_probs(q, k, mask):
-  """Masked, scaled float32 scores of q [B, H, L, Hd] against k [B, H, S, Hd] -> (unnormalised
-  probabilities exp(scores - row max) [B, H, L, S], row max [B, H, L, 1], row sum [B, H, L, 1]).
-  A row with no visible key (left padding) gets equal scores, so it averages uniformly
-  instead of giving NaN."""
+def _masked_scores(q, k, mask):
+  """Scaled float32 scores of q [B, H, L, Hd] against k [B, H, S, Hd], float32 min where `mask`
+  [B, L, S] is False -> [B, H, L, S]. A row with no visible key (left padding) gets equal scores,
+  so it averages uniformly instead of giving NaN."""
   scores = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None], scores * (q.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  unnormalised = jnp.exp(scores - row_max)
-  return unnormalised, row_max, jnp.sum(unnormalised, axis=-1, keepdims=True)
+  return jnp.where(mask[:, None], scores * (q.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
 
 
 @jax.custom_vjp
@@ -232,29 +228,28 @@ def _softmax_attention(q, k, v, mask):
   XLA:CPU ([4, 256] tokens, 8 heads of 32): fwd + bwd 11 ms against 23 ms by autodiff, equal
   to 1e-6.
   """
-  unnormalised, _, row_sum = _attention_probs(q, k, mask)
-  return jnp.einsum("bhls,bhsd->bhld", (unnormalised / row_sum).astype(v.dtype), v)
+  return _softmax_attention_fwd(q, k, v, mask)[0]
 
 
 def _softmax_attention_fwd(q, k, v, mask):
-  unnormalised, row_max, row_sum = _attention_probs(q, k, mask)
+  scores = _masked_scores(q, k, mask)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  unnormalised = jnp.exp(scores - row_max)
+  row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
   out = jnp.einsum("bhls,bhsd->bhld", (unnormalised / row_sum).astype(v.dtype), v)
   return out, (q, k, v, mask, row_max, row_sum, out)
 
 
 def _softmax_attention_bwd(residuals, g):
   q, k, v, mask, row_max, row_sum, out = residuals
-  scale = q.shape[-1] ** -0.5
-  scores = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
-  probs = jnp.exp(scores - row_max) / row_sum
+  probs = jnp.exp(_masked_scores(q, k, mask) - row_max) / row_sum
   # Products over the L axis of [B, H, L, S] go as (x^T probs)^T with the small [L, Hd] operand
   # transposed: XLA:CPU runs probs^T x itself several times slower.
   t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
   dv = t(jnp.einsum("bhdl,bhls->bhds", t(g), probs.astype(g.dtype)))
   dprobs = jnp.einsum("bhld,bhsd->bhls", g, v, preferred_element_type=jnp.float32)
   row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = jnp.where(mask[:, None], probs * (dprobs - row_dot), 0.0) * scale
+  dscores = jnp.where(mask[:, None], probs * (dprobs - row_dot), 0.0) * (q.shape[-1] ** -0.5)
   dq = jnp.einsum("bhls,bhsd->bhld", dscores.astype(k.dtype), k)
   dk = t(jnp.einsum("bhdl,bhls->bhds", t(q), dscores.astype(q.dtype)))
   return dq, dk, dv, None

@@ -31,8 +31,9 @@ Expert layouts: training keeps the experts stacked on a leading axis (`gate_proj
 which the expert mesh axis shards. Inference may split them (`split_experts=True`: `gate_proj_0`,
 `gate_proj_1`, ... each [D, F]; see `split_expert_params`), so a decode step's dots read the
 routed expert's weights where they lie instead of a copy sliced out of the stack (XLA:CPU copies
-such slices). The split layout has no LoRA (merge it first) and no expert parallelism; calls with more tokens
-than a decode step (a prefill) re-stack the experts once and take the usual buffer paths.
+such slices). The split layout has no LoRA (merge it first) and no expert parallelism; calls
+with more tokens than a decode step (a prefill) re-stack the experts once and take the usual
+buffer paths.
 """
 
 import math

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from medplib_jax.config_loading import load_config
+from medplib_jax.data.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def pack_turns(records, max_turns: int, seed: int) -> list[dict]:
       for r in group[start:start + max_turns]:
         question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
         if conversation:
-          question = question.replace("<image>\n", "")
+          question = question.replace(IMAGE_TOKEN + "\n", "")
         conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
       first = group[start]
       out.append({"id": f"{first['id']}_turns", "image": image, "task": first["task"],
