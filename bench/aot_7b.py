@@ -1,7 +1,9 @@
 """Ahead-of-time scale check: the 7B stage-4 train step and the 7B decode step, compiled for fake
 meshes of CPU host-platform devices from abstract shapes (nothing is materialised).
 
-For each (devices, layout) one subprocess sets `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+A configuration is `train|decode:DEVICES:LAYOUT[:KERNELS]`; KERNELS is the backend kernel set
+compiled (models/kernels.py), by default `tpu`, what a pod runs (the cpu set is checked too).
+For each configuration one subprocess sets `XLA_FLAGS=--xla_force_host_platform_device_count=N`
 before importing jax, builds the step from `jax.eval_shape` params, lowers it with
 `jax.jit(..., in_shardings, out_shardings, donate_argnums=0).lower(...)`, compiles it, and prints
 the per-device memory (`compiled.memory_analysis()`) and FLOPs (`compiled.cost_analysis()`) as one
@@ -9,13 +11,15 @@ JSON line. The parent collects them into bench/results/aot_7b.json.
 
 Setup (stated in the results): stage-4 config `configs/stage4_moe.py:7b` (2 experts, LoRA r8 on
 the experts' gate/up/down and q/v, bf16 compute, f32 params and Adam moments), sequence length
-1024, one sequence per device (global batch = devices), remat `nothing_saveable`.
+1024, one sequence per device (global batch = devices), remat `nothing_saveable`. The step is
+`trainer.make_train_step` with the trainer's shardings and donation (train/aot.py).
 Layouts: `fsdp` (every device on the fsdp axis), `expert_fsdp` (expert axis 2 x fsdp N/2, the
 batch sharded over both). Decode: one token against a 2048-slot bf16 KV cache, batch 1, bf16
 params, on 1 device and on 8 devices with the tensor axis (heads / mlp sharded).
 
   python -m bench.aot_7b                          # every configuration (long: see docs)
   python -m bench.aot_7b --only train:8:fsdp      # one configuration
+  python -m bench.aot_7b --only train:8:fsdp:cpu  # the same with the cpu kernel set
   python -m bench.aot_7b --worker train:8:fsdp    # what the parent runs per configuration
 """
 
@@ -33,9 +37,13 @@ TARGETS_GIB = {"tpu_v5e": 16, "h100": 80, "tpu_v5p": 95}
 SEQ_LEN = 1024
 DECODE_CACHE = 2048
 
-TRAIN_CONFIGS = [f"train:{n}:{layout}" for n in (8, 64, 256) for layout in ("fsdp", "expert_fsdp")]
+# What a pod compiles: the tpu kernel set (models/kernels.py). The cpu set is checked at two
+# sizes so that a CPU-only speed-up that breaks scaling shows here too.
+DEFAULT_KERNELS = "tpu"
+TRAIN_CONFIGS = [f"train:{n}:{layout}" for n in (8, 64, 256, 1024) for layout in ("fsdp", "expert_fsdp")]
+CPU_KERNEL_CONFIGS = ["train:8:fsdp:cpu", "train:256:fsdp:cpu"]
 DECODE_CONFIGS = ["decode:1:single", "decode:8:tensor"]
-ALL_CONFIGS = TRAIN_CONFIGS + DECODE_CONFIGS
+ALL_CONFIGS = TRAIN_CONFIGS + CPU_KERNEL_CONFIGS + DECODE_CONFIGS
 
 
 def mesh_overrides(layout: str, devices: int) -> tuple[dict, list]:
@@ -53,24 +61,10 @@ def mesh_overrides(layout: str, devices: int) -> tuple[dict, list]:
   raise ValueError(f"unknown layout {layout!r}; choose fsdp, expert_fsdp, single or tensor")
 
 
-def _memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                          "alias_size_in_bytes", "temp_size_in_bytes",
-                                          "generated_code_size_in_bytes")}
-  # Live at the peak: inputs + outputs not aliased to (donated) inputs + scratch.
-  out["peak_bytes_per_device"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-  out["peak_gib_per_device"] = out["peak_bytes_per_device"] / GIB
-  out["fits"] = {name: out["peak_bytes_per_device"] <= gib * GIB for name, gib in TARGETS_GIB.items()}
-  return out
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", -1.0))
+def _with_fits(memory: dict) -> dict:
+  """memory_report(...) plus whether its peak fits each accelerator we size for."""
+  return dict(memory, fits={name: memory["peak_bytes_per_device"] <= gib * GIB
+                            for name, gib in TARGETS_GIB.items()})
 
 
 def _rules(cfg, extra):
@@ -80,69 +74,27 @@ def _rules(cfg, extra):
   return tuple(rules.items())
 
 
-def compile_train(devices: int, layout: str) -> dict:
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec
-
+def compile_train(devices: int, layout: str, kernels: str) -> dict:
   from medplib_jax import flops as flops_lib
   from medplib_jax import sharding
   from medplib_jax.config_loading import load_config
-  from medplib_jax.data.batch import batch_spec
-  from medplib_jax.train import trainer
+  from medplib_jax.train import aot
 
   mesh_cfg, rule_overrides = mesh_overrides(layout, devices)
-  cfg = load_config("configs/stage4_moe.py:7b", [f"--config.data.max_length={SEQ_LEN}"])
-  rules = _rules(cfg, rule_overrides)
-  mesh = sharding.make_mesh(mesh_cfg)
+  cfg = load_config("configs/stage4_moe.py:7b", [f"--config.data.max_length={SEQ_LEN}",
+                                                  f"--config.model.llm.kernels={kernels}"])
+  cfg.logical_axis_rules = _rules(cfg, rule_overrides)
+  cfg.mesh.update(mesh_cfg)
   global_batch = devices  # one sequence per device
-  model = trainer.build_model(cfg)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = trainer.abstract_variables(cfg, model)["params"]
-    param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-    params = sharding.strip_boxes(boxed)
-    mask = trainer.stage_trainable_mask(cfg, params)
-    trainable, frozen = trainer.partition(params, mask)
-    trainable_sh, frozen_sh = trainer.partition(param_shardings, mask)
-    tx, schedule = trainer.make_optimizer(cfg.optim, total_steps=1000)
-    # Adam moments take their param's sharding: read them off a compiled tx.init.
-    init_compiled = jax.jit(tx.init, in_shardings=(trainable_sh,)).lower(trainable).compile()
-    opt_state = jax.eval_shape(tx.init, trainable)
-    opt_sh = init_compiled.output_shardings
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
-                               frozen=frozen, opt_state=opt_state,
-                               rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    state_sh = trainer.TrainState(step=replicated, trainable=trainable_sh, frozen=frozen_sh,
-                                  opt_state=opt_sh, rng=replicated)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                         state_sh)
-    spec = batch_spec(cfg.model, SEQ_LEN)
-    batch_sh = {k: sharding.batch_sharding(mesh, 1 + len(s), rules) for k, (s, _) in spec.items()}
-    batch = {k: jax.ShapeDtypeStruct((global_batch,) + s, d, sharding=batch_sh[k])
-             for k, (s, d) in spec.items()}
-    step_fn = trainer.make_train_step(cfg, model, tx, schedule)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                     donate_argnums=0)
-    lowered = jitted.lower(state, batch)
-    t_lower = time.perf_counter() - t0
-    compiled = lowered.compile()
-  t_compile = time.perf_counter() - t0 - t_lower
-  counts = trainer.component_counts(params)
+  report = aot.compile_report(cfg, sharding.make_mesh(cfg.mesh), global_batch)
+  report["memory"] = _with_fits(report["memory"])
   model_flops = flops_lib.train_step_flops(cfg, global_batch, SEQ_LEN)
-  return dict(kind="train", devices=devices, layout=layout, mesh=dict(mesh.shape),
-              rules_overrides=[list(r) for r in rule_overrides], global_batch=global_batch,
-              seq_len=SEQ_LEN, params=trainer.count_params(params),
-              trainable_params=trainer.count_params(trainable), component_params=counts,
-              memory=_memory(compiled), xla_flops_per_device=_flops(compiled),
+  return dict(kind="train", layout=layout, rules_overrides=[list(r) for r in rule_overrides],
               model_flops_per_step=model_flops["total"],
-              model_flops_per_device=model_flops["total"] / devices,
-              lower_s=t_lower, compile_s=t_compile)
+              model_flops_per_device=model_flops["total"] / devices, **report)
 
 
-def compile_decode(devices: int, layout: str) -> dict:
+def compile_decode(devices: int, layout: str, kernels: str) -> dict:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -152,7 +104,7 @@ def compile_decode(devices: int, layout: str) -> dict:
   from medplib_jax import sharding
   from medplib_jax.config_loading import load_config
   from medplib_jax.models.llama import LlamaForCausalLM, init_cache
-  from medplib_jax.train import trainer
+  from medplib_jax.train import aot, trainer
 
   mesh_cfg, rule_overrides = mesh_overrides(layout, devices)
   cfg = load_config("configs/stage4_moe.py:7b", [])
@@ -162,7 +114,7 @@ def compile_decode(devices: int, layout: str) -> dict:
   # decodes with (llama.inference_layout: layers unrolled, experts split).
   llm_cfg = cfg.model.llm.copy_and_resolve_references()
   moe_cfg = cfg.model.moe.copy_and_resolve_references()
-  llm_cfg.scan_layers, moe_cfg.split_experts = False, True
+  llm_cfg.scan_layers, moe_cfg.split_experts, llm_cfg.kernels = False, True, kernels
   model = LlamaForCausalLM(llm_cfg, moe_cfg, None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   ids = jnp.zeros((1, 1), jnp.int32)
   t0 = time.perf_counter()
@@ -191,21 +143,23 @@ def compile_decode(devices: int, layout: str) -> dict:
   t_compile = time.perf_counter() - t0 - t_lower
   plain = sharding.strip_boxes(boxed)
   model_flops = flops_lib.decode_step_flops(cfg.model, batch=1, context=DECODE_CACHE)
-  return dict(kind="decode", devices=devices, layout=layout, mesh=dict(mesh.shape), batch=1,
+  return dict(kind="decode", devices=devices, layout=layout, kernels=kernels, mesh=dict(mesh.shape),
+              batch=1,
               cache_len=DECODE_CACHE, params=trainer.count_params(plain),
-              memory=_memory(compiled), xla_flops_per_device=_flops(compiled),
+              memory=_with_fits(aot.memory_report(compiled)),
+              xla_flops_per_device=aot.xla_flops(compiled),
               model_flops_per_step=model_flops, lower_s=t_lower, compile_s=t_compile)
 
 
 def worker(name: str) -> dict:
-  kind, devices, layout = name.split(":")
+  kind, devices, layout, kernels = (name.split(":") + [DEFAULT_KERNELS])[:4]
   devices = int(devices)
   import jax
   if jax.device_count() != devices:
     raise RuntimeError(f"{name}: expected {devices} devices, jax sees {jax.device_count()} "
                        "(XLA_FLAGS must be set before jax is imported)")
   fn = compile_train if kind == "train" else compile_decode
-  return dict(name=name, **fn(devices, layout))
+  return dict(name=name, **fn(devices, layout, kernels))
 
 
 def run_one(name: str, timeout_s: float) -> dict:

@@ -38,7 +38,7 @@ def build():
       max_position_embeddings=512, tie_word_embeddings=False)).eval()
   cfg = ml_collections.ConfigDict(dict(
       **SIZE, head_dim=SIZE["width"] // SIZE["num_heads"], norm_eps=1e-5, rope_theta=10000.0,
-      max_length=512, scan_layers=False, remat_policy="none"))  # the inference layout
+      max_length=512, scan_layers=False, remat_policy="none", kernels="auto"))  # the inference layout
   params, _ = load_llama({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
   return hf, LlamaForCausalLM(cfg, common.moe_config(1), None), {"params": jax.device_put(params)}
 

@@ -23,7 +23,7 @@ from medplib_jax.models.llama import LlamaForCausalLM, inference_layout, init_ca
 
 CFG = dict(vocab_size=1000, width=512, depth=4, num_heads=8, num_kv_heads=8, head_dim=64,
            mlp_dim=1408, norm_eps=1e-5, rope_theta=10000.0, max_length=512, scan_layers=True,
-           remat_policy="none")
+           remat_policy="none", kernels="auto")
 CACHE, FILLED = 256, 128  # cache slots, and how many already hold the prompt
 NOTES = (
     "Both models are initialised in the training layout (scanned layers, stacked experts) and "

@@ -573,11 +573,12 @@ def main(argv=None):
       compile_s=compile_s, first_loss=first_loss,
       **({"profile_ours_variants_median_s": profile} if profile else {}),
       ours_notes=[
-          "attention off cuDNN (here: CPU, fp32) is heads-first einsums with a written-out "
-          "gradient that recomputes the probabilities (llama._softmax_attention)",
-          "LoRA / projection dots run on [B * L, in] rows; LoRA dropout masks take 16 threefry "
-          "bits per element (four elements per hash) computed with unrolled, vectorised ops, once "
-          "per step: the backward pass reads the forward's saved mask (lora._keep_scaled)",
+          "the cpu kernel set (models/kernels.py): attention is heads-first einsums with a "
+          "written-out gradient that recomputes the probabilities",
+          "cpu kernel set: LoRA / projection dots run on [B * L, in] rows; LoRA dropout masks take "
+          "16 threefry bits per element (four elements per hash, counters from per-axis iotas so "
+          "the mask shards with its rows), once per step: the backward pass reads the forward's "
+          "saved mask",
           "capacity MoE: [E, G * C, D] expert buffers with the expert axis leading in the dots; "
           "dispatch / combine are a scatter / gather per routing group (~1 ms per layer here)",
           "tried and dropped: running the expert buffers in 128-row blocks under lax.cond that skip "

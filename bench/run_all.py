@@ -111,27 +111,29 @@ def aot_section(r: dict) -> list[str]:
   lines = ["## 7B ahead-of-time scale check", "",
            r.get("what", ""), "",
            f"Reproduce: `{r.get('command', 'make aot')}`. Sequence length {r.get('seq_len')}; "
-           "train steps use one sequence per device. Peak = arguments + outputs - donated aliases "
+           "train steps use one sequence per device; `kernels` is the backend kernel set compiled "
+           "(models/kernels.py; tpu = what a pod runs). Peak = arguments + outputs - donated aliases "
            "+ temporaries, per device, from `compiled.memory_analysis()` of the CPU compile "
            "(the XLA CPU backend, so buffer assignment differs somewhat from TPU/GPU). XLA:CPU has "
            "no bf16 dot: it converts bf16 weights to f32 copies for its dots (seen in the "
            "compiled HLO as `convert` to `f32[4096,11008]` and the like), which is most of the "
            "decode steps' temp; GPU and TPU dots take bf16 directly, so there a decode step needs "
            "about its arguments.", "",
-           "| step | devices | layout (mesh) | global batch | peak GiB/device | args GiB | temp GiB | "
+           "| step | devices | layout (mesh) | kernels | global batch | peak GiB/device | args GiB | temp GiB | "
            + " | ".join(f"fits {k} ({v} GiB)" for k, v in targets.items())
            + " | XLA TFLOP/device | model TFLOP/device | compile s |",
-           "|---|---|---|---|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
+           "|---|---|---|---|---|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
   for run in r.get("runs", []):
     if "error" in run:
-      lines.append(f"| {run['name']} | | | | failed: {_cell(run['error'][-300:])} | | |"
+      lines.append(f"| {run['name']} | | | | | failed: {_cell(run['error'][-300:])} | | |"
                    + " |" * len(targets) + " | | |")
       continue
     m = run["memory"]
     mesh = ",".join(f"{k}={v}" for k, v in run["mesh"].items() if v > 1) or "1 device"
     model_tf = run.get("model_flops_per_device", run.get("model_flops_per_step", 0) / run["devices"])
     lines.append("| " + " | ".join(str(x) for x in (
-        run["kind"], run["devices"], f"{run['layout']} ({mesh})", run.get("global_batch", run.get("batch")),
+        run["kind"], run["devices"], f"{run['layout']} ({mesh})", run.get("kernels", "cpu"),
+        run.get("global_batch", run.get("batch")),
         f"{m['peak_gib_per_device']:.2f}", f"{m['argument_size_in_bytes'] / 2**30:.2f}",
         f"{m['temp_size_in_bytes'] / 2**30:.2f}",
         *("yes" if m["fits"][k] else "no" for k in targets),

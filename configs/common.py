@@ -59,17 +59,18 @@ def vision_config(size):
 
 
 def llm_config(size):
-  """LLaMA decoder. vocab_size already includes the added MedPLIB tokens."""
+  """LLaMA decoder. vocab_size already includes the added MedPLIB tokens. kernels: the backend
+  kernel set (medplib_jax/models/kernels.py): "auto" (the running backend's), "cpu", "gpu", "tpu"."""
   if size == "7b":
     return ml_collections.ConfigDict(dict(
         vocab_size=LLAMA_BASE_VOCAB + len(ADDED_TOKENS), width=4096, depth=32, num_heads=32,
         num_kv_heads=32, head_dim=128, mlp_dim=11008, norm_eps=1e-5, rope_theta=10000.0,
-        max_length=2048, scan_layers=True, remat_policy="nothing_saveable"))
+        max_length=2048, scan_layers=True, remat_policy="nothing_saveable", kernels="auto"))
   # The tiny vocabulary is the synthetic tokenizer's (base 1000 + added tokens).
   return ml_collections.ConfigDict(dict(
       vocab_size=1000 + len(ADDED_TOKENS), width=128, depth=2, num_heads=4, num_kv_heads=4,
       head_dim=32, mlp_dim=344, norm_eps=1e-5, rope_theta=10000.0, max_length=512,
-      scan_layers=True, remat_policy="none"))
+      scan_layers=True, remat_policy="none", kernels="auto"))
 
 
 def moe_config(num_experts=1):

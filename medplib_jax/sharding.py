@@ -108,6 +108,13 @@ def batch_sharding(mesh: Mesh, rank: int, rules=None) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes, *([None] * (rank - 1))))
 
 
+def batch_shard_count(mesh: Mesh, rules=None) -> int:
+  """How many ways the `batch` rule splits a batch's leading axis over `mesh`."""
+  axes = batch_sharding(mesh, 1, rules).spec[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def host_to_global(batch, mesh: Mesh, rules=None):
   """Turns this process's slice of a batch (numpy pytree) into global jax.Arrays.
 

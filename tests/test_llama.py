@@ -11,6 +11,7 @@ import torch
 from configs import common
 from medplib_jax.checkpoint.llama import export_llama, load_llama, resize_vocab
 from medplib_jax.checkpoint.torch_io import CheckpointError
+from medplib_jax.models import kernels
 from medplib_jax.models.llama import LlamaForCausalLM, init_cache
 
 torch.set_num_threads(1)
@@ -25,7 +26,7 @@ def tiny_configs(scan_layers=True, remat_policy="none"):
   ours = ml_collections.ConfigDict(dict(
       vocab_size=97, width=64, depth=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
       norm_eps=1e-6, rope_theta=500.0, max_length=128, scan_layers=scan_layers,
-      remat_policy=remat_policy))
+      remat_policy=remat_policy, kernels="auto"))
   return hf, ours
 
 
@@ -225,10 +226,11 @@ def test_sharded_forward_matches_single_device(hf_dir):
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
 
 
-def test_attention_gradient_matches_autodiff_of_plain_softmax():
-  """`_full_attention`'s written-out gradient equals autodiff of a plain softmax attention: right
-  and left padding (query rows that see no key average uniformly), grouped k / v heads."""
-  from medplib_jax.models.llama import _full_attention
+@pytest.mark.parametrize("kernel_set", ["cpu", "gpu", "tpu"])
+def test_attention_kernels_match_autodiff_of_plain_softmax(kernel_set):
+  """Each kernel set's attention (the cpu one with its written-out gradient) and its gradient
+  equal autodiff of a plain softmax attention: right and left padding (query rows that see no
+  key average uniformly), grouped k / v heads."""
   b, length, heads, kv_heads, hd = 2, 12, 4, 2, 8
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (b, length, heads, hd))
@@ -245,7 +247,7 @@ def test_attention_gradient_matches_autodiff_of_plain_softmax():
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min), -1)
     return jnp.einsum("bhls,bshd->blhd", probs, v)
 
-  ours, ours_vjp = jax.vjp(lambda q, k, v: _full_attention(q, k, v, mask), q, k, v)
+  ours, ours_vjp = jax.vjp(lambda q, k, v: kernels.attention(q, k, v, mask, kernel_set), q, k, v)
   theirs, theirs_vjp = jax.vjp(plain, q, k, v)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
   np.testing.assert_allclose(np.asarray(ours[1, 0]), np.asarray(v[1].mean(0).repeat(2, 0)), atol=1e-6)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from configs import common, stage2_vqa
+from medplib_jax.models import kernels
 from medplib_jax.models.llama import LlamaForCausalLM
 from medplib_jax.models.lora import (LoraDense, LoraError, merge_lora, split_lora, trainable_mask,
                                      unmerge_lora)
@@ -119,32 +120,94 @@ def test_trainable_mask_regexes_and_expert_adapters():
 
 @pytest.mark.parametrize("p", [0.95, 0.5, 1 / 3, 0.0, 1.0])
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 257)])
-def test_bernoulli_is_16_bit_words_of_jax_threefry(p, shape):
-  """The vectorised mask equals one built from jax's own Threefry-2x32 (jax.extend.random) on
-  counters (0, i): four 16-bit words per hash, compared with round(p * 2**16); for new-style
-  and raw uint32 keys."""
+def test_cpu_bernoulli_is_16_bit_words_of_jax_threefry(p, shape):
+  """The cpu kernel's mask equals one built from jax's own Threefry-2x32 (jax.extend.random):
+  hash j of a row (counter = its index in the [..., ceil(D / 4)] grid) holds the 16-bit words
+  of columns j, q + j, 2q + j, 3q + j, compared with round(p * 2**16); for new-style and raw
+  uint32 keys."""
   from jax.extend.random import threefry_2x32
-
-  from medplib_jax.models.lora import bernoulli
-  size = int(np.prod(shape))
-  n = -(-size // 4)
+  *lead, d = shape
+  q = -(-d // 4)
+  n = int(np.prod(lead)) * q
   for key in (jax.random.key(3), jax.random.PRNGKey(4)):
-    mine = np.asarray(jax.jit(lambda k: bernoulli(k, p, shape))(key))
+    mine = np.asarray(jax.jit(lambda k: kernels.bernoulli(k, p, shape, "cpu"))(key))
     data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
     counters = jnp.concatenate([jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32)])
     hashed = np.asarray(threefry_2x32((data[0], data[1]), counters))
-    hi, lo = hashed[:n], hashed[n:]
-    words = np.concatenate([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF])[:size]
-    np.testing.assert_array_equal(mine, (words < round(p * 2 ** 16)).reshape(shape))
+    hi, lo = hashed[:n].reshape(*lead, q), hashed[n:].reshape(*lead, q)
+    words = np.concatenate([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF], axis=-1)[..., :d]
+    np.testing.assert_array_equal(mine, words < round(p * 2 ** 16))
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "tpu"])
+def test_bernoulli_is_the_same_mask_when_sharded(kernel_set):
+  """Each shard hashes its own rows: the mask of a jit sharded over 8 devices (rows) and over
+  4 x 2 (rows, columns) equals the unsharded one, and the compiled program holds no full-size
+  mask (a replicated mask grows with the global batch: issue #23)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  key, shape = jax.random.key(5), (64, 96)
+  whole = np.asarray(jax.jit(lambda k: kernels.bernoulli(k, 0.9, shape, kernel_set))(key))
+  for mesh_shape, spec in (((8, 1), P("r", None)), ((4, 2), P("r", "c"))):
+    mesh = jax.make_mesh(mesh_shape, ("r", "c"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    out_sh = NamedSharding(mesh, spec)
+    fn = jax.jit(lambda k: kernels.bernoulli(k, 0.9, shape, kernel_set), out_shardings=out_sh)
+    np.testing.assert_array_equal(np.asarray(fn(key)), whole)
+    if spec == P("r", None):
+      temp = fn.lower(key).compile().memory_analysis().temp_size_in_bytes
+      assert temp < 64 * 96 * 4 // 2, f"{kernel_set}: {temp} bytes of temporaries per device"
 
 
 def test_bernoulli_rate_and_key_dependence():
-  from medplib_jax.models.lora import bernoulli
+  bernoulli = lambda key, p, shape: kernels.bernoulli(key, p, shape, "cpu")  # noqa: E731
   key = jax.random.key(0)
   mask = np.asarray(bernoulli(key, 0.95, (1000, 1000)))
   assert abs(mask.mean() - 0.95) < 1e-3
-  # The four words of one hash land far apart; neighbours stay uncorrelated.
+  # The four words of one hash land a quarter row apart; neighbours stay uncorrelated.
   flat = mask.reshape(-1).astype(np.float32)
   assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3
   other = np.asarray(bernoulli(jax.random.fold_in(key, 1), 0.95, (1000, 1000)))
   assert 0.08 < (mask != other).mean() < 0.11  # independent masks: 2 * 0.95 * 0.05 differ
+
+
+@pytest.mark.parametrize("kernel_set", ["gpu", "tpu"])
+@pytest.mark.parametrize("p", [0.95, 0.5, 1 / 3, 0.0, 1.0])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 257)])
+def test_accelerator_bernoulli_is_jax_random_bernoulli(kernel_set, p, shape):
+  """The gpu / tpu kernels' written-out mask is jax.random.bernoulli's, bit for bit."""
+  for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+    mine = jax.jit(lambda k: kernels.bernoulli(k, p, shape, kernel_set))(key)
+    wrapped = key if key.dtype != jnp.uint32 else jax.random.wrap_key_data(key)
+    np.testing.assert_array_equal(np.asarray(mine),
+                                  np.asarray(jax.random.bernoulli(wrapped, p, shape)))
+
+
+@pytest.mark.parametrize("num_experts", [1, 2])
+def test_kernel_sets_give_the_same_model(num_experts):
+  """The decoder with the cpu, gpu and tpu kernel sets (models/kernels.py) on the same params:
+  equal logits and gradients without dropout; with dropout each set's masks keep the expected
+  share of the LoRA inputs (the loss moves by a comparable amount)."""
+  _, cfg = tiny_configs()
+  lora = common.lora_config(rank=4, alpha=8.0, dropout=0.1, targets=ALL_TARGETS)
+  ids = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
+  mask = jnp.asarray([[True] * 6, [False] * 2 + [True] * 4])
+  results = {}
+  for kernel_set in ("cpu", "gpu", "tpu"):
+    c = cfg.copy_and_resolve_references()
+    c.kernels = kernel_set
+    model = LlamaForCausalLM(c, common.moe_config(num_experts), lora)
+    if not results:
+      params = randomise_lora_b(nn.unbox(jax.jit(model.init)(jax.random.key(1), ids))["params"])
+
+    def loss(p, deterministic, model=model):
+      logits = model.apply({"params": p}, ids, attention_mask=mask, deterministic=deterministic,
+                           rngs={"dropout": jax.random.key(2), "router": jax.random.key(3)})["logits"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, True)
+    results[kernel_set] = (value, grads, jax.jit(loss, static_argnums=1)(params, False))
+  for kernel_set in ("gpu", "tpu"):
+    np.testing.assert_allclose(results[kernel_set][0], results["cpu"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[kernel_set][1], results["cpu"][1])
+  shifts = [abs(float(results[k][2] - results[k][0])) for k in ("cpu", "tpu")]
+  assert all(s > 0 for s in shifts) and max(shifts) < 20 * min(shifts)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.models import kernels as kernel_sets
 from medplib_jax.models.lora import LoraDense, check_targets
 
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
@@ -108,20 +109,12 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _lora_kwargs(lora_config, target: str) -> dict:
+def _lora_kwargs(lora_config, target: str, kernels: str) -> dict:
   """LoraDense settings for one target: rank 0 unless the target is selected."""
   if lora_config is None or not lora_config.rank or target not in tuple(lora_config.targets):
-    return dict(rank=0)
+    return dict(rank=0, kernels=kernels)
   return dict(rank=int(lora_config.rank), alpha=float(lora_config.alpha),
-              dropout=float(lora_config.dropout))
-
-
-def _attention_impl(dtype) -> str:
-  """cuDNN flash attention on GPU for half precision; XLA einsums (`_full_attention`)
-  everywhere else, TPU included (no cuDNN there; XLA:TPU fuses the einsums as well)."""
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "xla"
+              dropout=float(lora_config.dropout), kernels=kernels)
 
 
 class Attention(nn.Module):
@@ -147,7 +140,7 @@ class Attention(nn.Module):
 
     def proj(name, target, features, axes):
       return LoraDense(features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=name, **_lora_kwargs(self.lora_config, target))
+                       name=name, **_lora_kwargs(self.lora_config, target, cfg.kernels))
 
     q = proj("q_proj", "q", h * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, h, hd)
     k = proj("k_proj", "k", kvh * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, kvh, hd)
@@ -158,10 +151,7 @@ class Attention(nn.Module):
     if layer_cache is None:
       k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", "act_kv"))
       v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", "act_kv"))
-      if _attention_impl(self.dtype) == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-      else:
-        out = _full_attention(q, k, v, mask)
+      out = kernel_sets.attention(q, k, v, mask, cfg.kernels)
       new_cache = None
     else:
       keys, values, new_cache = _write_cache(layer_cache, k, v, cache_index)
@@ -187,75 +177,6 @@ def _write_cache(layer_cache, k, v, cache_index):
   stack_k = jax.lax.dynamic_update_slice(layer_cache["k"], k[None], start)
   stack_v = jax.lax.dynamic_update_slice(layer_cache["v"], v[None], start)
   return stack_k[layer], stack_v[layer], dict(k=stack_k, v=stack_v, layer=layer)
-
-
-def _full_attention(q, k, v, mask):
-  """Full-sequence softmax attention (no cache) in heads-first einsums.
-
-  q [B, L, H, Hd]; k, v [B, L, K, Hd] (H = K * groups); mask [B, L, L] -> [B, L, H, Hd].
-  XLA:CPU runs these contractions over [B, H, L, Hd] ~2x faster than
-  `jax.nn.dot_product_attention(implementation="xla")` on [B, L, H, Hd], and faster than a
-  [B, K, groups, L, Hd] form. Grouped k / v heads are repeated to H (HF `repeat_kv`):
-  [B, H, L, Hd] more, the size of q. The core is `_softmax_attention`, whose gradient is
-  written out (see there).
-  """
-  groups = q.shape[2] // k.shape[2]
-  if groups > 1:
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-  q, k, v = (nn.with_logical_constraint(jnp.swapaxes(t, 1, 2),
-                                        ("batch", "act_heads", "length", "act_kv"))
-             for t in (q, k, v))
-  return jnp.swapaxes(_softmax_attention(q, k, v, mask), 1, 2)
-
-
-def _masked_scores(q, k, mask):
-  """Scaled float32 scores of q [B, H, L, Hd] against k [B, H, S, Hd], float32 min where `mask`
-  [B, L, S] is False -> [B, H, L, S]. A row with no visible key (left padding) gets equal scores,
-  so it averages uniformly instead of giving NaN."""
-  scores = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32)
-  return jnp.where(mask[:, None], scores * (q.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
-
-
-@jax.custom_vjp
-def _softmax_attention(q, k, v, mask):
-  """softmax(q k^T / sqrt(Hd), masked) v, scaled after the product as HF does, scores and
-  softmax in float32: q [B, H, L, Hd]; k, v [B, H, S, Hd]; mask [B, L, S] bool -> [B, H, L, Hd].
-
-  The gradient (`_softmax_attention_bwd`) keeps only q, k, v, the output and two numbers per row
-  from the forward pass and recomputes the probabilities, instead of autodiff saving the
-  [B, H, L, S] probabilities per layer; it takes the softmax term from rowsum(dO * O) (as
-  FlashAttention does) and contracts every product over the operands' minor axis. Measured on
-  XLA:CPU ([4, 256] tokens, 8 heads of 32): fwd + bwd 11 ms against 23 ms by autodiff, equal
-  to 1e-6.
-  """
-  return _softmax_attention_fwd(q, k, v, mask)[0]
-
-
-def _softmax_attention_fwd(q, k, v, mask):
-  scores = _masked_scores(q, k, mask)
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  unnormalised = jnp.exp(scores - row_max)
-  row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-  out = jnp.einsum("bhls,bhsd->bhld", (unnormalised / row_sum).astype(v.dtype), v)
-  return out, (q, k, v, mask, row_max, row_sum, out)
-
-
-def _softmax_attention_bwd(residuals, g):
-  q, k, v, mask, row_max, row_sum, out = residuals
-  probs = jnp.exp(_masked_scores(q, k, mask) - row_max) / row_sum
-  # Products over the L axis of [B, H, L, S] go as (x^T probs)^T with the small [L, Hd] operand
-  # transposed: XLA:CPU runs probs^T x itself several times slower.
-  t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
-  dv = t(jnp.einsum("bhdl,bhls->bhds", t(g), probs.astype(g.dtype)))
-  dprobs = jnp.einsum("bhld,bhsd->bhls", g, v, preferred_element_type=jnp.float32)
-  row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = jnp.where(mask[:, None], probs * (dprobs - row_dot), 0.0) * (q.shape[-1] ** -0.5)
-  dq = jnp.einsum("bhls,bhsd->bhld", dscores.astype(k.dtype), k)
-  dk = t(jnp.einsum("bhdl,bhls->bhds", t(q), dscores.astype(q.dtype)))
-  return dq, dk, dv, None
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _cached_attention(q, keys, values, mask):
@@ -289,7 +210,7 @@ class Mlp(nn.Module):
 
     def proj(name, target, features, axes):
       return LoraDense(features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=name, **_lora_kwargs(self.lora_config, target))
+                       name=name, **_lora_kwargs(self.lora_config, target, cfg.kernels))
 
     gate = proj("gate_proj", "gate", cfg.mlp_dim, ("embed", "mlp"))(x, deterministic)
     up = proj("up_proj", "up", cfg.mlp_dim, ("embed", "mlp"))(x, deterministic)
@@ -331,7 +252,8 @@ class DecoderLayer(nn.Module):
           lora_dropout=float(lora.dropout) if lora is not None else 0.0,
           lora_targets=ffn_targets, dtype=self.dtype, param_dtype=self.param_dtype,
           split_experts=moe.get("split_experts", False),
-          expert_axis=moe.get("expert_axis", "expert"), name="mlp")(x, deterministic)
+          expert_axis=moe.get("expert_axis", "expert"), kernels=cfg.kernels,
+          name="mlp")(x, deterministic)
     else:
       y = Mlp(cfg, self.lora_config, self.dtype, self.param_dtype, name="mlp")(x, deterministic)
       stats = {}
@@ -343,7 +265,8 @@ class LlamaForCausalLM(nn.Module):
   """LLaMA decoder + LM head.
 
   config: llm_config fields (vocab_size, width, depth, num_heads, num_kv_heads, head_dim,
-  mlp_dim, norm_eps, rope_theta, max_length, scan_layers, remat_policy); moe_config: moe_config
+  mlp_dim, norm_eps, rope_theta, max_length, scan_layers, remat_policy, kernels (the backend
+  kernel set, models/kernels.py)); moe_config: moe_config
   fields (num_experts 1 = dense SwiGLU); lora_config: (rank, alpha, dropout, targets) or None.
   """
   config: Any
@@ -380,7 +303,7 @@ class LlamaForCausalLM(nn.Module):
       self.layers = [block(*layer_args) for _ in range(cfg.depth)]
     self.norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype)
     self.lm_head = LoraDense(cfg.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype, kernels=cfg.kernels)
 
   def embed(self, input_ids):
     """Token embeddings: input_ids [B, L] int -> [B, L, D] in the compute dtype."""

@@ -13,12 +13,12 @@ contents of the `params` collection).
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from medplib_jax.models import kernels as kernel_sets
 
 LORA_A = "_lora_a"
 LORA_B = "_lora_b"
@@ -44,78 +44,6 @@ def lora_a_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-# --- dropout --------------------------------------------------------------------------------------
-
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k0, k1, x0, x1):
-  """The Threefry-2x32 hash (20 rounds) of counters (x0, x1) under key (k0, k1), all uint32,
-  unrolled into elementwise ops. jax's own lowering of it on CPU is a 5-step rolled loop that
-  XLA:CPU neither fuses nor vectorises (measured ~8 ns per 32 random bits against ~2 ns here)."""
-  ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-  x0, x1 = x0 + ks[0], x1 + ks[1]
-  for block in range(5):
-    for r in _THREEFRY_ROTATIONS[block % 2]:
-      x0 = x0 + x1
-      x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
-    x0 = x0 + ks[(block + 1) % 3]
-    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
-  return x0, x1
-
-
-def bernoulli(key, p: float, shape) -> jax.Array:
-  """A Bernoulli(p) mask of `shape` from 16 random bits per element, in ops XLA:CPU vectorises:
-  the Threefry-2x32 hash of counter i (key as `jax.random`'s threefry keys hold it) gives 64
-  bits, the four 16-bit words of elements i, n + i, 2n + i and 3n + i (n = ceil(size / 4)), and
-  an element is True where its word < round(p * 2**16): p is resolved to 2**-16. A quarter of
-  the hashes of `jax.random.bernoulli`, which spends one 32-bit hash per element (LoRA dropout
-  masks were the largest elementwise cost of a CPU train step). Other key kinds, and arrays of
-  2**34 elements or more, use jax.random.bernoulli itself."""
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
-  size = int(np.prod(shape))
-  quarter = -(-size // 4)
-  if str(jax.random.key_impl(key)) != "threefry2x32" or quarter >= 2 ** 32:
-    return jax.random.bernoulli(key, p, shape)
-  k = jax.random.key_data(key)
-  counter = jax.lax.iota(jnp.uint32, quarter)
-  hi, lo = _threefry2x32(k[0], k[1], jnp.zeros_like(counter), counter)
-  words = jnp.concatenate([hi >> np.uint32(16), hi & np.uint32(0xFFFF),
-                           lo >> np.uint32(16), lo & np.uint32(0xFFFF)])
-  threshold = np.uint32(int(round(float(p) * 2 ** 16)))
-  return (words[:size] < threshold).reshape(shape)
-
-
-def dropout(x, rate: float, key):
-  """Inverted dropout as flax `nn.Dropout` scales it: x / (1 - rate) where kept, 0 elsewhere;
-  the keep mask is `bernoulli(key, 1 - rate)`. key None or rate 0: x unchanged."""
-  if key is None or rate == 0.0:
-    return x
-  if rate >= 1.0:
-    return jnp.zeros_like(x)
-  return _keep_scaled(x, bernoulli(key, 1.0 - rate, x.shape), 1.0 - rate)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _keep_scaled(x, keep, keep_prob: float):
-  """where(keep, x / keep_prob, 0). The gradient reads the mask saved by the forward pass: XLA
-  otherwise fuses the mask's hash into every consumer, forward and backward alike."""
-  return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
-
-
-def _keep_scaled_fwd(x, keep, keep_prob):
-  keep = jax.lax.optimization_barrier(keep)  # one materialised mask for both passes
-  return _keep_scaled(x, keep, keep_prob), keep
-
-
-def _keep_scaled_bwd(keep_prob, keep, g):
-  return jnp.where(keep, g / keep_prob, 0.0).astype(g.dtype), None
-
-
-_keep_scaled.defvjp(_keep_scaled_fwd, _keep_scaled_bwd)
-
-
 class LoraDense(nn.Module):
   """y = x @ kernel (+ bias) + (alpha / rank) * ((dropout(x) @ kernel_lora_a) @ kernel_lora_b).
 
@@ -134,6 +62,7 @@ class LoraDense(nn.Module):
   kernel_init: object = nn.initializers.normal(0.02)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -141,7 +70,9 @@ class LoraDense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), self.param_dtype)
     lead = x.shape[:-1]
-    x = x.astype(self.dtype).reshape(-1, x.shape[-1])
+    x = x.astype(self.dtype)
+    if kernel_sets.flat_rows(self.kernels):
+      x = x.reshape(-1, x.shape[-1])
     y = jnp.dot(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
@@ -154,7 +85,7 @@ class LoraDense(nn.Module):
                      nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)),
                      (self.rank, self.features), self.param_dtype)
       key = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
-      xd = dropout(x, self.dropout, key)
+      xd = kernel_sets.dropout(x, self.dropout, key, self.kernels)
       y = y + (self.alpha / self.rank) * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
                                                  b.astype(self.dtype))
     return y.reshape(lead + (self.features,))

@@ -47,7 +47,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
-from medplib_jax.models.lora import dropout
+from medplib_jax.models import kernels as kernel_sets
 
 DISPATCH_MODES = ("capacity", "dropless")
 LORA_TARGETS = ("gate", "up", "down")
@@ -130,7 +130,7 @@ def route(logits: jax.Array, *, top_k: int, capacity: int | None,
                  tokens_per_expert, aux_loss, dropped_fraction)
 
 
-def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key, dtype):
+def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key, dtype, kernels):
   """The experts' SwiGLU FFN on dispatched tokens; `matmul(h, w)` applies the expert weights.
 
   `params` holds this device's experts (`gate_proj` [E, D, F] ... and LoRA siblings); LoRA adds
@@ -140,7 +140,8 @@ def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key,
     out = matmul(inp, params[name].astype(dtype))
     if name + "_lora_a" in params:
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-      low = matmul(dropout(inp, lora_dropout, key), params[name + "_lora_a"].astype(dtype))
+      low = matmul(kernel_sets.dropout(inp, lora_dropout, key, kernels),
+                   params[name + "_lora_a"].astype(dtype))
       out = out + lora_scale * matmul(low, params[name + "_lora_b"].astype(dtype))
     return out
 
@@ -227,6 +228,7 @@ class MoeFeedForward(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   expert_axis: str = "expert"
+  kernels: str = "auto"  # backend kernel set of the LoRA dropout masks (models/kernels.py)
 
   def _check(self):
     if self.dispatch not in DISPATCH_MODES:
@@ -314,7 +316,7 @@ class MoeFeedForward(nn.Module):
     if not deterministic and self.lora_dropout > 0.0 and self.lora_rank > 0:
       dropout_key = self.make_rng("dropout")
     ffn = dict(lora_scale=self.lora_alpha / max(self.lora_rank, 1), lora_dropout=self.lora_dropout,
-               dtype=self.dtype)
+               dtype=self.dtype, kernels=self.kernels)
     tokens = tokens.astype(self.dtype)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
     expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)

@@ -92,4 +92,7 @@ def load_export(path: str, abstract_params=None):
 
 def load_export_config(path: str) -> dict:
   with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)
+    config = json.load(f)
+  # Exports written before llm.kernels existed ran the backend's own set.
+  config.get("model", {}).get("llm", {}).setdefault("kernels", "auto")
+  return config

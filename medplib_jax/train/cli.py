@@ -1,8 +1,10 @@
-"""`medplib train --config configs/stageN_*.py:SIZE --workdir DIR [--dry-run] [--config.x=y ...]`."""
+"""`medplib train --config configs/stageN_*.py:SIZE --workdir DIR [--dry-run | --compile-only
+[--devices N]] [--config.x=y ...]`."""
 
 import json
 import logging
 import math
+import sys
 
 import jax
 import numpy as np
@@ -18,6 +20,14 @@ def add_arguments(p):
   p.add_argument("--workdir", help="checkpoints, logs and the stage export go here")
   p.add_argument("--dry-run", action="store_true",
                  help="print the resolved config, the mesh and parameter counts, then exit")
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile the stage's train step ahead of time from shapes (nothing is "
+                      "allocated, no data read) for the config's mesh and optim.global_batch_size; "
+                      "print per-device memory and FLOPs as JSON, then exit")
+  p.add_argument("--devices", type=int, default=0,
+                 help="with --compile-only: compile for this many fake CPU devices (a pod's "
+                      "device count), e.g. --devices 256 --config.mesh.fsdp=-1 "
+                      "--config.model.llm.kernels=tpu")
   p.epilog = "Any config field can be overridden: --config.optim.lr=1e-4 --config.mesh.fsdp=8"
 
 
@@ -39,15 +49,49 @@ def dry_run(cfg) -> dict:
           "total": int(sum(counts.values())), "trainable": int(trainable)}
 
 
+def compile_only(cfg, devices: int) -> int:
+  """Ahead-of-time compile of exactly the step `medplib train` would run (train/aot.py)."""
+  if devices:  # before any device is touched: the CPU client is created with this many
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices)
+  from medplib_jax.models import kernels
+  from medplib_jax.train import aot
+  try:
+    mesh = sharding.make_mesh(cfg.mesh)
+    kernel_set = kernels.resolve(cfg.model.llm.kernels)
+  except (sharding.MeshError, ValueError) as e:
+    print(f"medplib train: {e}")
+    return 2
+  batch = int(cfg.optim.global_batch_size)
+  shards = sharding.batch_shard_count(mesh, cfg.logical_axis_rules)
+  if batch % shards:
+    print(f"medplib train: optim.global_batch_size={batch} does not split over the {shards} batch "
+          f"shards of mesh {dict(mesh.shape)}; set --config.optim.global_batch_size to a multiple "
+          f"of {shards}")
+    return 2
+  if devices and cfg.model.llm.kernels == "auto":
+    print(f"medplib train: compiling the {kernel_set} kernel set; pass "
+          "--config.model.llm.kernels=tpu (or gpu) for what a pod compiles", file=sys.stderr)
+  report = aot.compile_report(cfg, mesh, batch)
+  report.update(backend=jax.default_backend(), kernels_compiled=kernel_set)
+  print(json.dumps(report))
+  return 0
+
+
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  # Multi-process jobs (launch/*.py, SLURM, TPU pods) must connect before any device is touched.
-  sharding.maybe_initialize_distributed()
   try:
     cfg = load_config(args.config, args.extra)
   except (ValueError, FileNotFoundError) as e:
     print(f"medplib train: {e}")
     return 2
+  if args.compile_only:
+    return compile_only(cfg, args.devices)
+  if args.devices:
+    print("medplib train: --devices goes with --compile-only")
+    return 2
+  # Multi-process jobs (launch/*.py, SLURM, TPU pods) must connect before any device is touched.
+  sharding.maybe_initialize_distributed()
   if args.dry_run:
     print(cfg)
     try:
