@@ -45,8 +45,9 @@ if hasattr(os, "sched_setaffinity"):
 
 import numpy as np  # noqa: E402
 
-from configs import common, stage4_moe  # noqa: E402
+from configs import stage4_moe  # noqa: E402
 from medplib_jax.data.batch import IGNORE_INDEX, batch_spec  # noqa: E402
+from medplib_jax.data.tokenizer import ADDED_TOKENS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The stage-4 tiny config with a wider, deeper LLM, so the step is not all fixed overhead.
@@ -85,7 +86,7 @@ ABLATIONS = {"no_lora_dropout": _no_lora_dropout, "dropless_moe": _dropless, "de
 
 
 def token_id(name: str) -> int:
-  return 1000 + common.ADDED_TOKENS.index(name)  # the tiny vocabulary: base 1000 + added tokens
+  return 1000 + ADDED_TOKENS.index(name)  # the tiny vocabulary: base 1000 + added tokens
 
 
 # --- the batch: ragged samples (theirs) and the fixed-shape contract (ours) ----------------------

@@ -28,6 +28,7 @@ from medplib_jax import flops as flops_lib
 from medplib_jax import sharding
 from medplib_jax.config_loading import load_config
 from medplib_jax.models.llama import LlamaForCausalLM, init_cache
+from medplib_jax.models.medplib import dummy_batch
 from medplib_jax.train import trainer
 
 DECODE_STEPS = 64
@@ -47,7 +48,7 @@ def device_peaks(dry_run: bool) -> tuple[str, float, float]:
 def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict:
   """A full-length batch with an image, one region and one `<SEG>` per sample."""
   rng = np.random.default_rng(seed)
-  batch_np = trainer.dummy_batch(cfg, batch)
+  batch_np = dummy_batch(cfg.model, cfg.data.max_length, batch)
   vocab = cfg.model.llm.vocab_size
   batch_np["input_ids"] = rng.integers(3, vocab, (batch, seq_len), dtype=np.int32)
   batch_np["attention_mask"][:] = True

@@ -9,14 +9,10 @@ sets only what differs for its stage (trainable set, LoRA, losses, optimiser). S
 
 import ml_collections
 
+from medplib_jax.data.tokenizer import ADDED_TOKENS
+
 SIZES = ("tiny", "7b")
 
-# Added to the LLaMA vocabulary, in this order (SPEC.md: tokens and sequence layout).
-ADDED_TOKENS = (
-    ["<SEG>", "<ref>", "</ref>", "<region>", "</region>", "<sr>", "</sr>", "<mask>", "</mask>"]
-    + [f"<gen_{i}>" for i in range(1, 257)]
-    + ["<im_start>", "<im_end>"]
-)
 LLAMA_BASE_VOCAB = 32000
 
 # Logical axis name -> mesh axes. Parameters use the plain names; activations the `act_` ones and
@@ -159,12 +155,15 @@ def base_config(stage, size):
       grad_clip=1.0, epochs=1, global_batch_size=8 if size == "tiny" else 128,
       grad_accum_steps=1))
   c.data = ml_collections.ConfigDict(dict(
-      train=(), eval=(), image_root="", tokenizer="", max_length=c.model.llm.max_length, seed=0,
-      num_workers=0, bad_record_budget=100, template="llava_v1"))
+      train=(), image_root="", tokenizer="", max_length=c.model.llm.max_length, seed=0,
+      num_workers=0, bad_record_budget=100, template="llava_v1",
+      overflow="skip",  # a sample past max_length: "skip" (a bad record) or "truncate" (counted)
+      # grain read threads and elements read ahead per worker (0 = two host batches); grain's
+      # default (16 threads, 500 ahead) holds ~1 GB of 7B-size samples per worker.
+      read_threads=2, prefetch=0))
   c.train = ml_collections.ConfigDict(dict(
       steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="skip",
-      checkpoint_fallback=True,  # an unreadable latest checkpoint: resume from the one before
-      init_from=""))
+      checkpoint_fallback=True))  # an unreadable latest checkpoint: resume from the one before
   c.init = ml_collections.ConfigDict(dict(clip="", llm="", sam="", previous_stage="",
                                           vqa_expert="", ground_expert=""))
   return c

@@ -11,8 +11,7 @@ def get_config(arg=None):
   c = common.base_config(stage=2, size=size)
   c.lora = common.lora_config(rank=16, alpha=16.0, dropout=0.05,
                               targets=("q", "k", "v", "o", "gate", "up", "down"))
-  # The reference leaves the region adapter frozen here; set train_region_adapter to train it.
-  c.train_region_adapter = False
+  # The reference leaves the region adapter frozen here; add r"^region_adapter/" to train it.
   c.trainable = (r"^llm/lm_head", r"^llm/embed_tokens", r"^llm/.*norm", r"^projector/")
   c.loss.update(ce=1.0)
   c.optim.update(lr=1e-4, epochs=3)

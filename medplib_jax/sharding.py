@@ -115,6 +115,23 @@ def batch_shard_count(mesh: Mesh, rules=None) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def mesh_axis_sizes() -> dict[str, int]:
+  """{axis: size} of the mesh being traced under (`jax.set_mesh`); {} when there is none."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return {} if mesh.empty else dict(mesh.shape)
+
+
+def batch_shards() -> int:
+  """Devices the `batch` logical axis is split over under the current mesh and logical rules
+  (1 when there is no mesh)."""
+  sizes = mesh_axis_sizes()
+  axes = dict(nn.get_logical_axis_rules()).get("batch")
+  if not sizes or axes is None:
+    return 1
+  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+  return int(np.prod([sizes.get(a, 1) for a in axes]))
+
+
 def host_to_global(batch, mesh: Mesh, rules=None):
   """Turns this process's slice of a batch (numpy pytree) into global jax.Arrays.
 

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 import flax
 import jax
 
-from configs.common import ADDED_TOKENS, sam_config
+from configs.common import sam_config
+from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax import cli as medplib_cli
 from medplib_jax.checkpoint.medplib import (export_medplib, import_medplib, reference_config,
                                             write_torch_checkpoint)

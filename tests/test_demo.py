@@ -56,7 +56,7 @@ def test_demo_fast_end_to_end(tmp_path):
 
 
 def test_clip_standin_patch_coverage_worked_example():
-  from medplib_jax.train.standins import patch_coverage
+  from medplib_jax.demo.standins import patch_coverage
   # A 28 x 56 image on a 28 px canvas: resized to 14 x 28, centred (rows 7..20), patch 14 -> 2 x 2.
   mask = np.zeros((28, 56), bool)
   mask[:, :28] = True  # the left half of the image
@@ -70,7 +70,7 @@ def test_pack_turns_worked_example():
   first human turn only, every question kept once; the packed record parses as one sample with a
   region slot per region turn."""
   from medplib_jax.data import mecovqa
-  from medplib_jax.train.demo import pack_turns
+  from medplib_jax.demo.run import pack_turns
 
   def record(i, image, question, answer):
     return {"id": f"r{i}", "image": image, "task": "R", "modality": "ct",

@@ -10,6 +10,7 @@ from medplib_jax import cli
 from medplib_jax.data.synth import write_synthetic
 from medplib_jax.eval import grounding_metrics as gm
 from medplib_jax.eval import runner
+from medplib_jax.infer.masks import mask_rle
 from medplib_jax.infer import api
 from tiny_checkpoint import make_tiny_checkpoint
 
@@ -69,7 +70,7 @@ def test_grounding_metrics_match_the_accumulator():
 def test_mask_rle_round_trip():
   mask = np.zeros((3, 5), bool)
   mask[0, 0] = mask[1, 2:5] = mask[2, 0] = True
-  rle = runner.mask_rle(mask)
+  rle = mask_rle(mask)
   flat, value = [], False
   for c in rle["counts"]:
     flat += [value] * c

@@ -3,9 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from medplib_jax.config_loading import load_config
 from medplib_jax.models.medplib import gather_seg_states, splice_image, splice_regions
+from medplib_jax.checkpoint import model_dir, pretrained
+from medplib_jax.models import medplib
 from medplib_jax.train import trainer
 
 
@@ -36,7 +39,7 @@ def test_gather_seg_states_takes_the_position_before():
 def test_tiny_forward_shapes_and_finiteness():
   cfg = load_config("configs/stage4_moe.py:tiny", ["--config.data.max_length=96"])
   model = trainer.build_model(cfg)
-  batch = trainer.dummy_batch(cfg, batch_size=2)
+  batch = medplib.dummy_batch(cfg.model, cfg.data.max_length, batch_size=2)
   rng = np.random.default_rng(0)
   batch["input_ids"] = rng.integers(0, 1000, batch["input_ids"].shape).astype(np.int32)
   batch["attention_mask"][:] = True
@@ -44,7 +47,7 @@ def test_tiny_forward_shapes_and_finiteness():
   batch["clip_image"] = rng.normal(size=batch["clip_image"].shape).astype(np.float32)
   batch["sam_image"] = rng.normal(size=batch["sam_image"].shape).astype(np.float32)
   batch["seg_positions"][:, 0] = 90
-  rngs = {"params": jax.random.key(0), **{s: jax.random.key(1) for s in trainer.RNG_STREAMS}}
+  rngs = {"params": jax.random.key(0), **{s: jax.random.key(1) for s in medplib.RNG_STREAMS}}
   variables = jax.jit(model.init)(rngs, batch)
   out = jax.jit(model.apply)(variables, batch)
   v = cfg.model.llm.vocab_size
@@ -57,17 +60,33 @@ def test_tiny_forward_shapes_and_finiteness():
 
 
 def test_stage1_inherits_pretrained_components_from_model_dirs(tmp_path):
-  from medplib_jax.train import checkpointing
   cfg = load_config("configs/stage1_align.py:tiny", [
       f"--config.init.sam={tmp_path / 'sam'}", f"--config.init.clip={tmp_path / 'clip'}"])
-  abstract = trainer.flat(trainer.sharding.strip_boxes(trainer.abstract_variables(cfg)["params"]))
+  abstract = trainer.flat(trainer.sharding.strip_boxes(medplib.abstract_variables(trainer.build_model(cfg), cfg.data.max_length)["params"]))
   rng = np.random.default_rng(0)
   fake = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in abstract.items()
           if k.startswith(("sam/", "vision/"))}
   for name, prefix in (("sam", "sam/"), ("clip", "vision/")):
     tree = trainer.traverse_util.unflatten_dict({k: v for k, v in fake.items() if k.startswith(prefix)}, sep="/")
-    checkpointing.save_params(str(tmp_path / name), tree)
-  inherited = trainer.previous_stage_params(cfg)
+    model_dir.save_params(str(tmp_path / name), tree)
+  inherited = pretrained.load(cfg)
   assert set(inherited) == set(fake)
   for k in fake:
     np.testing.assert_array_equal(np.asarray(inherited[k]), fake[k])
+
+
+def test_model_dir_config_fills_fields_it_lacks_from_its_stage_defaults(tmp_path):
+  """A config.json written before a field existed loads with that field's stage default (so
+  every field is read by attribute); what it holds is kept; one without stage / size is named."""
+  import json
+  cfg = load_config("configs/stage4_moe.py:tiny", ["--config.data.max_length=77"])
+  stored = json.loads(cfg.to_json_best_effort())
+  del stored["model"]["llm"]["kernels"], stored["data"]["overflow"], stored["train"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  loaded = model_dir.load_config(str(tmp_path))
+  assert loaded.model.llm.kernels == "auto" and loaded.data.overflow == "skip"
+  assert loaded.train.on_nonfinite == "skip" and loaded.data.max_length == 77
+  del stored["stage"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(ValueError, match="config.json: no 'stage'"):
+    model_dir.load_config(str(tmp_path))

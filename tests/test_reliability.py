@@ -27,6 +27,7 @@ from medplib_jax.data import mecovqa
 from medplib_jax.data.mecovqa import BadRecord
 from medplib_jax.infer import api
 from medplib_jax.serve import server as srv
+from medplib_jax.checkpoint import model_dir
 from medplib_jax.train import checkpointing
 
 RNG = np.random.default_rng(0)
@@ -318,7 +319,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_missing_export_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="no exported params"):
-    checkpointing.load_export(str(tmp_path / "nowhere"))
+    model_dir.load_params(str(tmp_path / "nowhere"))
 
 
 # --- non-finite training steps -----------------------------------------------------------------

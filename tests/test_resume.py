@@ -20,7 +20,7 @@ import pytest
 from medplib_jax.data import synth
 from medplib_jax.data.template import template_texts
 from medplib_jax.data.tokenizer import train_tokenizer
-from medplib_jax.train import checkpointing
+from medplib_jax.checkpoint import model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 2
@@ -96,7 +96,7 @@ def _wait_for_checkpoint(proc, workdir, finished=True, deadline_s=RUN_TIMEOUT_S)
 
 
 def _exported(workdir):
-  return jax.tree.map(np.asarray, checkpointing.load_export(os.path.join(str(workdir), "export")))
+  return jax.tree.map(np.asarray, model_dir.load_params(os.path.join(str(workdir), "export")))
 
 
 def _assert_bitwise_equal(a, b):

@@ -8,7 +8,7 @@ only the assistant answers and their `</s>` are supervised.
 
 import pytest
 
-from configs.common import ADDED_TOKENS
+from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax.data import template as T
 from medplib_jax.data.tokenizer import (IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, load_tokenizer,
                                         save_bpe_tokenizer, train_tokenizer)

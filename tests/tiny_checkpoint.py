@@ -13,11 +13,13 @@ import jax
 import numpy as np
 from PIL import Image
 
-from configs.common import ADDED_TOKENS
+from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax.config_loading import load_config
 from medplib_jax.data.tokenizer import train_tokenizer
 from medplib_jax.models.lora import merge_lora
-from medplib_jax.train import checkpointing, trainer
+from medplib_jax.checkpoint import model_dir
+from medplib_jax.models import medplib
+from medplib_jax.train import trainer
 
 _CORPUS = [
     "What modality is this image? It is a CT scan of the abdomen.",
@@ -32,11 +34,11 @@ def make_tiny_checkpoint(root: str, seed: int = 0) -> str:
   """Writes a tiny random-weight model directory under `root`; returns its path (root/export)."""
   cfg = load_config("configs/stage4_moe.py:tiny", ["--config.data.max_length=96"])
   model = trainer.build_model(cfg)
-  rngs = {"params": jax.random.key(seed), **{s: jax.random.key(seed + 1) for s in trainer.RNG_STREAMS}}
-  variables = jax.jit(lambda r: model.init(r, trainer.dummy_batch(cfg), deterministic=True))(rngs)
+  rngs = {"params": jax.random.key(seed), **{s: jax.random.key(seed + 1) for s in medplib.RNG_STREAMS}}
+  variables = jax.jit(lambda r: model.init(r, medplib.dummy_batch(cfg.model, cfg.data.max_length), deterministic=True))(rngs)
   params = jax.tree.map(np.asarray, nn.unbox(variables["params"]))
   params = merge_lora(params, cfg.lora.alpha / cfg.lora.rank)  # as `medplib train` exports
-  path = checkpointing.export_params(root, params, cfg)
+  path = model_dir.save(os.path.join(root, "export"), params, cfg)
   # The base vocabulary; load_tokenizer appends MedPLIB's tokens up to llm.vocab_size.
   train_tokenizer(_CORPUS, os.path.join(path, "tokenizer"),
                   vocab_size=cfg.model.llm.vocab_size - len(ADDED_TOKENS))

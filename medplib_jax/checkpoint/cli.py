@@ -13,6 +13,14 @@ import os
 import shutil
 import sys
 
+import jax
+
+from medplib_jax.checkpoint import model_dir
+from medplib_jax.checkpoint.medplib import (export_medplib, import_medplib, reference_config,
+                                            write_torch_checkpoint)
+from medplib_jax.checkpoint.torch_io import CheckpointError
+from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
+
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
@@ -38,7 +46,6 @@ def add_arguments(p):
 
 
 def component_counts(params) -> dict[str, int]:
-  import jax
   return {name: int(sum(math.prod(x.shape) for x in jax.tree.leaves(sub)))
           for name, sub in params.items()}
 
@@ -60,20 +67,7 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:
   return names
 
 
-def write_model_dir(out_dir: str, params, config) -> None:
-  """`<out>/params` (orbax) and `<out>/config.json`, as train/checkpointing.export_params writes."""
-  import orbax.checkpoint as ocp
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(out_dir, "params"), params, force=True)
-  ckptr.wait_until_finished()
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
-
-
 def _check_tokenizer(tok_dir: str, vocab_size: int) -> str | None:
-  from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
   try:
     n = len(load_tokenizer(tok_dir))
   except TokenizerError as e:
@@ -84,7 +78,6 @@ def _check_tokenizer(tok_dir: str, vocab_size: int) -> str | None:
 
 
 def run_import(args) -> int:
-  from medplib_jax.checkpoint.medplib import import_medplib
   params, cfg, report = import_medplib(args.medplib, clip=args.clip, sam=args.sam, size=args.size,
                                        overrides=args.set)
   if args.summary:
@@ -107,7 +100,7 @@ def run_import(args) -> int:
     report["notes"].append(f"{args.medplib} has no tokenizer files; pass one to from_pretrained")
   for note in report["notes"]:
     print(f"  note: {note}")
-  write_model_dir(args.out, params, cfg)
+  model_dir.save(args.out, params, cfg)
   with open(os.path.join(args.out, "convert_report.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(f"wrote {os.path.abspath(args.out)} (params/, config.json, tokenizer/)")
@@ -115,14 +108,8 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
-  import ml_collections
-
-  from medplib_jax.checkpoint.medplib import export_medplib, reference_config, write_torch_checkpoint
-  from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
-  from medplib_jax.train import checkpointing
-
-  cfg = ml_collections.ConfigDict(checkpointing.load_export_config(args.checkpoint))
-  params = checkpointing.load_export(args.checkpoint)
+  cfg = model_dir.load_config(args.checkpoint)
+  params = model_dir.load_params(args.checkpoint)
   if args.summary:
     print_summary(params)
   state = export_medplib(params, cfg, clip=args.clip, sam=args.sam)
@@ -143,7 +130,6 @@ def run_export(args) -> int:
 
 
 def run(args) -> int:
-  from medplib_jax.checkpoint.torch_io import CheckpointError
   try:
     if args.export_torch:
       if not (args.checkpoint and args.out):

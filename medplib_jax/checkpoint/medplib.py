@@ -30,11 +30,13 @@ import flax
 import ml_dtypes
 import numpy as np
 
+from configs import stage3_ground, stage4_moe
 from medplib_jax.checkpoint import clip as clip_io
 from medplib_jax.checkpoint import llama as llama_io
 from medplib_jax.checkpoint import sam as sam_io
 from medplib_jax.checkpoint.torch_io import (_SAFETENSORS_DTYPES, CheckpointError, KeyLedger,
                                              read_state_dict)
+from medplib_jax.models.medplib import MedPLIB, abstract_variables
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -211,8 +213,6 @@ def _segment_anything_view(state: Mapping, base_sam) -> dict:
 def build_config(hf: dict, state: Mapping, vision_state: Mapping, vision_prefix: str,
                  clip_hf: dict | None, sam_state: Mapping, size: str = "7b", overrides=()):
   """The stage config of a converted model (see the module docstring for where fields come from)."""
-  from configs import stage3_ground, stage4_moe
-
   llm = _llm_settings(hf, state)
   moe = _moe_settings(hf, state, llm["depth"])
   cfg = (stage4_moe if moe["num_experts"] > 1 else stage3_ground).get_config(size)
@@ -255,13 +255,7 @@ def build_config(hf: dict, state: Mapping, vision_state: Mapping, vision_prefix:
 
 def _expected_params(cfg) -> dict:
   """flat {path: shape} of `MedPLIB(cfg.model)` params, from eval_shape (nothing allocated)."""
-  import jax
-  from medplib_jax.models.medplib import MedPLIB
-  from medplib_jax.train.trainer import dummy_batch
-
-  model = MedPLIB(cfg.model, None)
-  rngs = {"params": jax.random.key(0), "region": jax.random.key(0)}
-  abstract = jax.eval_shape(lambda: model.init(rngs, dummy_batch(cfg), deterministic=True))
+  abstract = abstract_variables(MedPLIB(cfg.model, None), cfg.data.max_length)
   flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(abstract["params"]), sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
 

@@ -14,9 +14,12 @@ import re
 from collections.abc import Mapping
 
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medplib_jax.checkpoint.torch_io import CheckpointError, KeyLedger, read_state_dict
+from medplib_jax.models.sam import SamMed2D
 from medplib_jax.models.sam_image_encoder import block_pattern
 
 MEDPLIB_PREFIX = "model.visual_model."
@@ -290,9 +293,6 @@ def load_sam(source, config, prefix: str | None = None):
 
 def _expected_shapes(config) -> dict:
   """flax path -> shape, from `jax.eval_shape` of the model's init (no compute)."""
-  import jax
-  import jax.numpy as jnp
-  from medplib_jax.models.sam import SamMed2D
   model = SamMed2D(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   index = jax.ShapeDtypeStruct((1,), jnp.int32)

@@ -181,10 +181,9 @@ def host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def _component(entry, config, tokenizer, process_index, process_count, seed, train, epochs):
   data = config.data
-  options = PreprocessOptions(template=entry.template or data.get("template", "llava_v1"),
-                              overflow=data.get("overflow", "skip"))
-  prep = Preprocessor(tokenizer, config.model, data.max_length,
-                      entry.image_root or data.get("image_root", ""), train, options)
+  options = PreprocessOptions(template=entry.template or data.template, overflow=data.overflow)
+  prep = Preprocessor(tokenizer, config.model, data.max_length, entry.image_root or data.image_root,
+                      train, options)
   source = open_source(entry)
   slots = shard_slots(len(source), seed, process_index, process_count, shuffle=train,
                       epochs=epochs if train else 1)
@@ -270,9 +269,8 @@ def _absl_flags_ready():
 
 
 def _read_options(config, batch: int) -> grain.ReadOptions:
-  # grain's default (16 threads, 500 elements ahead) holds ~1 GB of 7B-size samples per worker.
-  return grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
-                           prefetch_buffer_size=int(config.data.get("prefetch", 2 * batch)))
+  return grain.ReadOptions(num_threads=int(config.data.read_threads),
+                           prefetch_buffer_size=int(config.data.prefetch or 2 * batch))
 
 
 def make_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1,
@@ -287,14 +285,14 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
   if not entries:
     raise ValueError("config.data.train lists no datasets")
   batch = host_batch_size(config.optim.global_batch_size, process_count)
-  seed = int(config.data.get("seed", config.get("seed", 0)))
+  seed = int(config.data.seed)
   parts = [_component(e, config, tokenizer, process_index, process_count, seed + 1000 * k, True,
                       epochs) for k, e in enumerate(entries)]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [e.weight for e in entries])
-  budget = int(config.data.get("bad_record_budget", 100))
+  budget = int(config.data.bad_record_budget)
   ds = _SkipBad(ds.to_iter_dataset(_read_options(config, batch)), budget)
   ds = ds.batch(batch, drop_remainder=True)
-  workers = int(config.data.get("num_workers", 0))
+  workers = int(config.data.num_workers)
   if workers > 0:
     _absl_flags_ready()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -330,6 +328,6 @@ def make_eval_iterator(config, tokenizer, entry, batch_size: int = 1, process_in
   entry = DatasetEntry.parse(entry)
   ds = _component(entry, config, tokenizer, process_index, process_count, 0, False, 1)
   ds = _SkipBad(ds.to_iter_dataset(_read_options(config, batch_size)),
-                int(config.data.get("bad_record_budget", 100)))
+                int(config.data.bad_record_budget))
   return iter(ds.batch(batch_size, batch_fn=_EvalBatcher(config.model, config.data.max_length,
                                                          tokenizer.pad_id, batch_size)))

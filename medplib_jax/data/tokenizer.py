@@ -2,7 +2,7 @@
 
 `load_tokenizer(dir)` loads any Hugging Face tokenizer directory (the released LLaVA-v1.5 / MedPLIB
 one, or the small one `train_tokenizer` writes for the tiny model) with `transformers`, appends
-`configs.common.ADDED_TOKENS` in SPEC order as special tokens (as the reference does with
+`ADDED_TOKENS` in SPEC order as special tokens (as the reference does with
 `add_tokens(..., special_tokens=True)`), and sets pad = unk. Ids of the structural tokens are
 exposed as attributes so nothing downstream looks tokens up by string.
 
@@ -16,7 +16,12 @@ import functools
 import os
 import re
 
-from configs.common import ADDED_TOKENS
+# Added to the LLaMA vocabulary, in this order (SPEC.md: tokens and sequence layout).
+ADDED_TOKENS = (
+    ["<SEG>", "<ref>", "</ref>", "<region>", "</region>", "<sr>", "</sr>", "<mask>", "</mask>"]
+    + [f"<gen_{i}>" for i in range(1, 257)]
+    + ["<im_start>", "<im_end>"]
+)
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id for the image features

@@ -28,6 +28,7 @@ from medplib_jax.data.template import GPT, HUMAN
 from medplib_jax.eval import grounding_metrics as gm
 from medplib_jax.eval import vqa_metrics as vm
 from medplib_jax.infer.api import MODES, InputError
+from medplib_jax.infer.masks import mask_rle
 
 TASKS = {"vqa": "C", "region": "R", "ground": "G"}
 PREDICTIONS, METRICS, RUN = "predictions.jsonl", "metrics.json", "run.json"
@@ -91,17 +92,6 @@ def _check_run(out_dir: str, settings: dict) -> None:
                       "use another --out directory or delete it")
   with open(path, "w") as f:
     json.dump(settings, f, indent=1)
-
-
-def mask_rle(mask) -> dict:
-  """Row-major run lengths of a bool [H, W] mask, starting with a run of False."""
-  flat = np.asarray(mask, bool).ravel()
-  change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-  bounds = np.concatenate([[0], change, [flat.size]])
-  counts = np.diff(bounds).tolist()
-  if flat.size and flat[0]:
-    counts = [0] + counts
-  return {"size": list(np.shape(mask)), "counts": counts}
 
 
 def metrics_from_rows(rows: list[dict], task: str, mode: str) -> dict:

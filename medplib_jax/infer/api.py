@@ -23,10 +23,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
+from medplib_jax.checkpoint import model_dir as model_dir_lib
 from medplib_jax.data import canvas, prompts
 from medplib_jax.data.batch import num_image_tokens
 from medplib_jax.data.mecovqa import DEFAULT_MAX_PIXELS, BadRecord, decode_image
@@ -140,7 +140,7 @@ class MedPLIB:
     self.params = params
     self.tokenizer = tokenizer
     self.mode = mode
-    self.template = template or config.get("data", {}).get("template", "llava_v1")
+    self.template = template or config.data.template
     cfg = self.model_cfg
     self.num_image_tokens = num_image_tokens(cfg.vision)
     self.grid = cfg.vision.image_size // cfg.vision.patch_size
@@ -171,14 +171,12 @@ class MedPLIB:
   def from_pretrained(cls, path: str, mode: str = "correct", template: str | None = None,
                       tokenizer_path: str | None = None) -> "MedPLIB":
     """Loads `<path>/{params, config.json, tokenizer/}` (a stage export or converted weights)."""
-    from medplib_jax.train import checkpointing  # orbax: only when loading
-
     model_dir = _find_model_dir(path)
-    config = ml_collections.ConfigDict(checkpointing.load_export_config(model_dir))
-    params = checkpointing.load_export(model_dir)
+    config = model_dir_lib.load_config(model_dir)
+    params = model_dir_lib.load_params(model_dir)
     tok_dir = tokenizer_path or os.path.join(model_dir, "tokenizer")
     if not os.path.isdir(tok_dir):
-      tok_dir = config.get("data", {}).get("tokenizer", "")
+      tok_dir = config.data.tokenizer
     tokenizer = load_tokenizer(tok_dir)
     if len(tokenizer) != config.model.llm.vocab_size:
       raise ValueError(f"tokenizer {tok_dir!r} has {len(tokenizer)} tokens but the model's "

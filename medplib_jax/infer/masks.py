@@ -76,3 +76,14 @@ def masks_from_logits(logits, threshold_prob: float = 0.5):
   logits = np.asarray(logits, np.float32)
   with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: sigmoid 0
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-logits)) > np.float32(threshold_prob)
+
+
+def mask_rle(mask) -> dict:
+  """Row-major run lengths of a bool [H, W] mask, starting with a run of False."""
+  flat = np.asarray(mask, bool).ravel()
+  change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+  bounds = np.concatenate([[0], change, [flat.size]])
+  counts = np.diff(bounds).tolist()
+  if flat.size and flat[0]:
+    counts = [0] + counts
+  return {"size": list(np.shape(mask)), "counts": counts}

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from medplib_jax.models import kernels as kernel_sets
 from medplib_jax.models.lora import LoraDense, check_targets
+from medplib_jax.models.moe import MoeFeedForward, split_expert_params
 
 REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
@@ -59,12 +60,11 @@ def inference_layout(llm_config, moe_config, params: dict):
   """The fastest decoding layout of a trained decoder (LoRA merged): layers unrolled and, with
   MoE FFNs, the experts split (`moe.split_expert_params`). Returns (llm_config, moe_config,
   params) converted; what is already converted is left as it is."""
-  from medplib_jax.models.moe import split_expert_params  # only MoE models need it
   llm_config, moe_config = llm_config.copy_and_resolve_references(), moe_config.copy_and_resolve_references()
   if llm_config.scan_layers:
     params = unstack_layers(params, llm_config.depth)
     llm_config.scan_layers = False
-  if moe_config.num_experts > 1 and not moe_config.get("split_experts", False):
+  if moe_config.num_experts > 1 and not moe_config.split_experts:
     params = dict(params)
     for n in range(llm_config.depth):
       layer = params[f"layers_{n}"]
@@ -237,7 +237,6 @@ class DecoderLayer(nn.Module):
     hidden = hidden + attn_out
     x = norm("post_attention_layernorm")(hidden)
     if moe is not None and moe.num_experts > 1:
-      from medplib_jax.models.moe import MoeFeedForward  # written alongside; only MoE configs need it
       lora = self.lora_config
       ffn_targets = tuple(t for t in (lora.targets if lora is not None and lora.rank else ())
                           if t in ("gate", "up", "down"))
@@ -246,13 +245,12 @@ class DecoderLayer(nn.Module):
           dispatch=moe.dispatch, capacity_factor_train=moe.capacity_factor_train,
           capacity_factor_eval=moe.capacity_factor_eval, min_capacity=moe.min_capacity,
           random_token_selection=moe.random_token_selection,
-          routing_groups=moe.get("routing_groups", 1),
+          routing_groups=moe.routing_groups,
           lora_rank=int(lora.rank) if ffn_targets else 0,
           lora_alpha=float(lora.alpha) if lora is not None else 16.0,
           lora_dropout=float(lora.dropout) if lora is not None else 0.0,
           lora_targets=ffn_targets, dtype=self.dtype, param_dtype=self.param_dtype,
-          split_experts=moe.get("split_experts", False),
-          expert_axis=moe.get("expert_axis", "expert"), kernels=cfg.kernels,
+          split_experts=moe.split_experts, expert_axis=moe.expert_axis, kernels=cfg.kernels,
           name="mlp")(x, deterministic)
     else:
       y = Mlp(cfg, self.lora_config, self.dtype, self.param_dtype, name="mlp")(x, deterministic)

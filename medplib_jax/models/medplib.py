@@ -11,8 +11,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from medplib_jax.data.batch import num_image_tokens
+from medplib_jax.data.batch import batch_spec, num_image_tokens
 from medplib_jax.models.clip import ClipVisionTower
 from medplib_jax.models.grounding import GroundingProjector
 from medplib_jax.models.llama import LlamaForCausalLM
@@ -121,6 +122,23 @@ class MedPLIB(nn.Module):
     return dict(logits=out["logits"], hidden=out["hidden"], mask_logits=mask_logits,
                 iou_pred=iou_pred, seg_valid=seg_valid, moe_aux_loss=out["moe_aux_loss"],
                 moe_stats=out["moe_stats"])
+
+
+# RNG streams the model draws from when not deterministic (besides "params" at init).
+RNG_STREAMS = ("dropout", "router", "region")
+
+
+def dummy_batch(model_cfg, max_length: int, batch_size: int = 1) -> dict[str, np.ndarray]:
+  """Zeros in the batch contract's shapes (data/batch.py): what init and shape tracing take."""
+  spec = batch_spec(model_cfg, max_length)
+  return {k: np.zeros((batch_size,) + s, d) for k, (s, d) in spec.items()}
+
+
+def abstract_variables(model: "MedPLIB", max_length: int):
+  """Shapes (with logical annotations) of every variable of `model`, nothing allocated."""
+  rngs = {"params": jax.random.key(0), **{s: jax.random.key(0) for s in RNG_STREAMS}}
+  batch = dummy_batch(model.config, max_length)
+  return jax.eval_shape(lambda: model.init(rngs, batch, deterministic=True))
 
 
 def image_token_count(model_cfg) -> int:

@@ -48,6 +48,7 @@ from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
 from medplib_jax.models import kernels as kernel_sets
+from medplib_jax.sharding import batch_shards, mesh_axis_sizes
 
 DISPATCH_MODES = ("capacity", "dropless")
 LORA_TARGETS = ("gate", "up", "down")
@@ -178,22 +179,6 @@ def _combine(out, rows, weight):
   return jnp.einsum("tk,tkd->td", weight.astype(out.dtype), gathered)
 
 
-def _mesh_axis_sizes():
-  mesh = jax.sharding.get_abstract_mesh()
-  return {} if mesh.empty else dict(mesh.shape)
-
-
-def batch_shards() -> int:
-  """Devices the `batch` logical axis is split over under the current mesh and rules (1 when
-  there is no mesh): the number of routing groups `routing_groups=0` asks for."""
-  sizes = _mesh_axis_sizes()
-  axes = dict(nn.get_logical_axis_rules()).get("batch")
-  if not sizes or axes is None:
-    return 1
-  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
-  return int(np.prod([sizes.get(a, 1) for a in axes]))
-
-
 class MoeFeedForward(nn.Module):
   """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats).
 
@@ -319,7 +304,7 @@ class MoeFeedForward(nn.Module):
                dtype=self.dtype, kernels=self.kernels)
     tokens = tokens.astype(self.dtype)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
-    expert_parallel = _mesh_axis_sizes().get(self.expert_axis, 1)
+    expert_parallel = mesh_axis_sizes().get(self.expert_axis, 1)
     if self.split_experts and expert_parallel > 1:
       raise MoeConfigError(f"split_experts cannot run expert-parallel (mesh axis "
                            f"{self.expert_axis!r} has size {expert_parallel}); use stacked experts")
@@ -394,7 +379,7 @@ class MoeFeedForward(nn.Module):
     all-to-all over the expert axis gives each device its experts' tokens from every peer, the
     experts run, and a second all-to-all returns the outputs. Keep/drop was decided per routing
     group before; tokens [T, D] and the routing arrays [T, k] are the groups flattened."""
-    sizes = _mesh_axis_sizes()
+    sizes = mesh_axis_sizes()
     ep = sizes[self.expert_axis]
     if self.num_experts % ep:
       raise MoeConfigError(f"{self.num_experts} experts cannot be split over a mesh axis "
@@ -456,7 +441,7 @@ class MoeFeedForward(nn.Module):
     """Tokens are replicated over the expert axis (the `batch` rule does not use it), so each
     device runs its own experts on every token of its shard routed there; a sum over the expert
     axis assembles the output. Ragged groups need no fixed-size exchange this way."""
-    sizes = _mesh_axis_sizes()
+    sizes = mesh_axis_sizes()
     axis = self.expert_axis
     ep = sizes[axis]
     if self.num_experts % ep:

@@ -54,7 +54,7 @@ class PromptEncoder(nn.Module):
     self.no_mask_embed = self.param("no_mask_embed",
                                     partitioned(nn.initializers.normal(1.0), ("embed",)), (c,),
                                     self.param_dtype)
-    self.mask_downscaling = MaskDownscaling(cfg.get("mask_in_chans", 16), c, self.dtype,
+    self.mask_downscaling = MaskDownscaling(cfg.mask_in_chans, c, self.dtype,
                                             self.param_dtype)
 
   @property

@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from medplib_jax.data.mecovqa import BadRecord, decode_mask
-from medplib_jax.eval.runner import mask_rle
+from medplib_jax.infer.masks import mask_rle
 from medplib_jax.infer import api
 
 log = logging.getLogger(__name__)

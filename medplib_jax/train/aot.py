@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medplib_jax import sharding
 from medplib_jax.data.batch import batch_spec
+from medplib_jax.models.medplib import abstract_variables
 from medplib_jax.train import trainer
 
 GIB = 1024 ** 3
@@ -40,7 +41,7 @@ def lower_train_step(cfg, mesh, global_batch: int, total_steps: int = 1000):
   rules = sharding.rules_tuple(cfg.logical_axis_rules)
   model = trainer.build_model(cfg)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = trainer.abstract_variables(cfg, model)["params"]
+    boxed = abstract_variables(model, cfg.data.max_length)["params"]
     param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
     params = sharding.strip_boxes(boxed)
     mask = trainer.stage_trainable_mask(cfg, params)

@@ -1,17 +1,14 @@
-"""Orbax checkpoints for training (state + grain iterator) and stage exports (merged params).
+"""Orbax checkpoints of a training run: the TrainState with the grain iterator state.
 
 Layout of a workdir:
   checkpoints/<step>/{state,data}   resumable training state (async save, keep last K)
-  export/params                     the stage's final parameters, LoRA merged (next stage's input)
-  export/config.json                the resolved config that produced them
+  export/                           the stage's model directory (checkpoint/model_dir.py)
 """
 
-import json
 import logging
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -59,40 +56,3 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator, f
       raise CheckpointCorrupt(f"checkpoint {where} cannot be restored: {e}") from e
     return step, restored["state"]
   return None, None
-
-
-def save_params(path: str, params) -> str:
-  """Writes a params pytree to `<path>/params` (orbax), replacing what was there."""
-  path = os.path.abspath(path)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "params"), params, force=True)
-  ckptr.wait_until_finished()
-  return path
-
-
-def export_params(workdir: str, params, config) -> str:
-  """Writes the stage's final params (already LoRA-merged) and its config to workdir/export."""
-  path = save_params(os.path.join(workdir, "export"), params)
-  if jax.process_index() == 0:
-    with open(os.path.join(path, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-  return path
-
-
-def load_export(path: str, abstract_params=None):
-  """Reads `<path>/params` written by export_params (optionally into given shardings)."""
-  target = os.path.join(os.path.abspath(path), "params")
-  if not os.path.isdir(target):
-    raise FileNotFoundError(f"{path}: no exported params (expected {target}; run the stage first)")
-  ckptr = ocp.StandardCheckpointer()
-  if abstract_params is None:
-    return ckptr.restore(target)
-  return ckptr.restore(target, abstract_params)
-
-
-def load_export_config(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    config = json.load(f)
-  # Exports written before llm.kernels existed ran the backend's own set.
-  config.get("model", {}).get("llm", {}).setdefault("kernels", "auto")
-  return config

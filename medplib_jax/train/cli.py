@@ -6,11 +6,15 @@ import logging
 import math
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from medplib_jax import sharding
 from medplib_jax.config_loading import load_config
+from medplib_jax.models import kernels
+from medplib_jax.models.medplib import abstract_variables
+from medplib_jax.train import aot, run_stage, trainer
 
 ACCEPTS_EXTRA = True  # --config.a.b=value overrides
 
@@ -37,10 +41,8 @@ def _human(n: int) -> str:
 
 def dry_run(cfg) -> dict:
   """Resolved config, mesh on the visible devices, parameter counts from shapes only."""
-  from medplib_jax.train import trainer
   mesh = sharding.make_mesh(cfg.mesh)
-  abstract = trainer.abstract_variables(cfg)["params"]
-  import flax.linen as nn
+  abstract = abstract_variables(trainer.build_model(cfg), cfg.data.max_length)["params"]
   counts = trainer.component_counts(nn.unbox(abstract))
   mask = trainer.stage_trainable_mask(cfg, nn.unbox(abstract))
   trainable = sum(math.prod(p.shape) for p, m in zip(jax.tree.leaves(nn.unbox(abstract)),
@@ -54,8 +56,6 @@ def compile_only(cfg, devices: int) -> int:
   if devices:  # before any device is touched: the CPU client is created with this many
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices)
-  from medplib_jax.models import kernels
-  from medplib_jax.train import aot
   try:
     mesh = sharding.make_mesh(cfg.mesh)
     kernel_set = kernels.resolve(cfg.model.llm.kernels)
@@ -109,7 +109,6 @@ def run(args) -> int:
   if not args.workdir:
     print("medplib train: --workdir is required (unless --dry-run)")
     return 2
-  from medplib_jax.train import run_stage
   result = run_stage.run_from_config(cfg, args.workdir)
   print(json.dumps({"steps": result.steps, "export": result.export_dir,
                     "preempted": result.preempted, "skipped_steps": result.skipped_steps,

@@ -23,15 +23,14 @@ import optax
 from flax import traverse_util
 
 from medplib_jax import sharding
+from medplib_jax.checkpoint import model_dir, pretrained
 from medplib_jax.data.batch import batch_spec
 from medplib_jax.models import lora as lora_lib
-from medplib_jax.models.medplib import MedPLIB
-from medplib_jax.models.moe import upcycle_ffns
+from medplib_jax.models.medplib import RNG_STREAMS, MedPLIB, abstract_variables, dummy_batch
 from medplib_jax.train import checkpointing, losses
 
 log = logging.getLogger(__name__)
 
-RNG_STREAMS = ("dropout", "router", "region")
 NONFINITE_POLICIES = ("skip", "halt")
 
 
@@ -85,68 +84,7 @@ def build_model(cfg) -> MedPLIB:
   return MedPLIB(cfg.model, cfg.lora if cfg.lora.rank else None)
 
 
-def dummy_batch(cfg, batch_size: int = 1) -> dict[str, np.ndarray]:
-  spec = batch_spec(cfg.model, cfg.data.max_length)
-  return {k: np.zeros((batch_size,) + s, d) for k, (s, d) in spec.items()}
-
-
-def abstract_variables(cfg, model=None):
-  """Shapes (with logical annotations) of every variable, nothing allocated."""
-  model = model or build_model(cfg)
-  rngs = {"params": jax.random.key(0), **{s: jax.random.key(0) for s in RNG_STREAMS}}
-  return jax.eval_shape(lambda: model.init(rngs, dummy_batch(cfg), deterministic=True))
-
-
 # --- Init --------------------------------------------------------------------------------------
-
-def previous_stage_params(cfg) -> dict[str, Any]:
-  """Flat {path: array} of what this stage inherits (empty when starting from scratch).
-
-  Stage 2 and 3 take the previous stage's export; stage 4 takes stage 3 (grounding expert) for
-  everything and builds each MoE FFN from [stage-3 FFN, stage-2 FFN] (SPEC.md: expert 0 =
-  grounding, expert 1 = VQA).
-  """
-  if cfg.stage == 4 and cfg.init.ground_expert and cfg.init.vqa_expert:
-    ground = checkpointing.load_export(cfg.init.ground_expert)
-    vqa = checkpointing.load_export(cfg.init.vqa_expert)
-    inherited = flat(ground)
-    inherited = {k: v for k, v in inherited.items() if not k.startswith("llm/layers/mlp/")}
-    moe = upcycle_ffns([ground["llm"]["layers"]["mlp"], vqa["llm"]["layers"]["mlp"]])
-    inherited.update({f"llm/layers/mlp/{k}": v for k, v in flat(moe).items()})
-    return inherited
-  if cfg.init.previous_stage:
-    return flat(checkpointing.load_export(cfg.init.previous_stage))
-  inherited = {}
-  for component, source in (("vision", cfg.init.clip), ("llm", cfg.init.llm), ("sam", cfg.init.sam)):
-    if source:
-      inherited.update({f"{component}/{k}": v
-                        for k, v in flat(pretrained_component(cfg, component, source)).items()})
-  return inherited
-
-
-def pretrained_component(cfg, component: str, source: str):
-  """Params of one component from a pretrained source (stage 1's starting point).
-
-  `source` is one of our model directories (holding `params/` with that component, e.g. an
-  export or a demo stand-in) or a PyTorch / Hugging Face checkpoint read by the importers.
-  """
-  if os.path.isdir(os.path.join(source, "params")):
-    params = checkpointing.load_export(source)
-    if component not in params:
-      raise ValueError(f"{source}: holds no {component!r} params (has {sorted(params)})")
-    return params[component]
-  if component == "vision":
-    from medplib_jax.checkpoint.clip import load_clip_vision
-    params, report = load_clip_vision(source, cfg.model.vision)
-  elif component == "llm":
-    from medplib_jax.checkpoint.llama import load_llama
-    params, report = load_llama(source, cfg.model.llm, resize_vocab_to=cfg.model.llm.vocab_size)
-  else:
-    from medplib_jax.checkpoint.sam import load_sam
-    params, report = load_sam(source, cfg.model.sam)
-  log.info("init.%s from %s: %s", component, source, {k: v for k, v in report.items() if k != "unmapped"})
-  return params
-
 
 def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
   """Sharded params: inherited leaves are placed as they are, only new leaves are initialised.
@@ -155,7 +93,7 @@ def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
   is overwritten, so nothing is first materialised on one device.
   """
   rules = cfg.logical_axis_rules
-  abstract = abstract_variables(cfg, model)["params"]
+  abstract = abstract_variables(model, cfg.data.max_length)["params"]
   shardings = sharding.logical_to_shardings(abstract, mesh, rules)
   abstract_flat = flat(sharding.strip_boxes(abstract))
   for path, value in inherited.items():
@@ -170,7 +108,8 @@ def init_params(cfg, model, mesh, inherited: dict[str, Any], key):
 
   def init_fn(key, placed):
     rngs = {"params": key, **{s: key for s in RNG_STREAMS}}
-    fresh = flat(nn.unbox(model.init(rngs, dummy_batch(cfg), deterministic=True)["params"]))
+    fresh = flat(nn.unbox(model.init(rngs, dummy_batch(cfg.model, cfg.data.max_length),
+                                     deterministic=True)["params"]))
     fresh.update({k: v.astype(fresh[k].dtype) for k, v in placed.items()})
     return traverse_util.unflatten_dict(fresh, sep="/")
 
@@ -196,13 +135,19 @@ def make_optimizer(optim, total_steps: int):
 
 
 def stage_trainable_mask(cfg, params):
-  regexes = list(cfg.trainable)
-  if cfg.get("train_region_adapter", False):
-    regexes.append(r"^region_adapter/")
-  return lora_lib.trainable_mask(params, regexes, train_lora=True)
+  return lora_lib.trainable_mask(params, list(cfg.trainable), train_lora=True)
 
 
 # --- Update step -------------------------------------------------------------------------------
+
+def micro_batches(x, accum: int, shards: int):
+  """[B, ...] -> [accum, B / accum, ...]. Micro-batch i takes the i-th accum-th of every batch
+  shard's rows, so each micro-batch stays spread over all shards as the batch is (no reshard)."""
+  b = x.shape[0]
+  n = shards if b % (shards * accum) == 0 else 1
+  y = x.reshape((n, accum, b // (n * accum)) + x.shape[1:])
+  return jnp.swapaxes(y, 0, 1).reshape((accum, b // accum) + x.shape[1:])
+
 
 def make_train_step(cfg, model, tx, schedule):
   """(state, batch) -> (state, metrics); batch arrays are global [B, ...]."""
@@ -226,7 +171,8 @@ def make_train_step(cfg, model, tx, schedule):
     if accum == 1:
       (_, metrics), grads = grad_fn(state.trainable, state.frozen, batch, key)
     else:
-      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+      shards = sharding.batch_shards()
+      micro = jax.tree.map(lambda x: micro_batches(x, accum, shards), batch)
 
       def body(carry, inputs):
         i, mb = inputs
@@ -256,7 +202,7 @@ def init_state(cfg, model, mesh, total_steps: int):
 
   Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(...)`.
   """
-  params = init_params(cfg, model, mesh, previous_stage_params(cfg), jax.random.key(cfg.seed))
+  params = init_params(cfg, model, mesh, pretrained.load(cfg), jax.random.key(cfg.seed))
   trainable, frozen = partition(params, stage_trainable_mask(cfg, params))
   tx, schedule = make_optimizer(cfg.optim, total_steps)
   state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
@@ -314,7 +260,7 @@ def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
   it (metric `skipped_steps`), "halt" raises NonFiniteStep before anything is checkpointed. On
   SIGTERM the current step is checkpointed (waited for) and the result has preempted=True.
   """
-  policy = cfg.train.get("on_nonfinite", "skip")
+  policy = cfg.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"train.on_nonfinite={policy!r}: expected one of {NONFINITE_POLICIES}")
   mesh = mesh or sharding.make_mesh(cfg.mesh)
@@ -326,7 +272,7 @@ def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
     state, tx, schedule = init_state(cfg, model, mesh, total_steps)
     mngr = checkpointing.manager(workdir, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     start, restored = checkpointing.restore_latest(mngr, state, data_iterator,
-                                                   fallback=cfg.train.get("checkpoint_fallback", True))
+                                                   fallback=cfg.train.checkpoint_fallback)
     if restored is not None:
       state = restored
       log.info("resumed from step %d in %s", start, workdir)
@@ -368,7 +314,7 @@ def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
       final = state.params()
       if cfg.lora.rank:
         final = lora_lib.merge_lora(final, cfg.lora.alpha / cfg.lora.rank)
-      export_dir = checkpointing.export_params(workdir, final, cfg)
+      export_dir = model_dir.save(os.path.join(workdir, "export"), final, cfg)
     if preempted:
       log.warning("preempted: checkpoint at step %d in %s; rerun the same command to resume",
                   step, workdir)

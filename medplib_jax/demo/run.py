@@ -9,21 +9,34 @@ import collections
 import json
 import logging
 import os
+import shutil
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 from PIL import Image
 
+import configs
+from medplib_jax import sharding
+from medplib_jax.checkpoint import model_dir, pretrained
 from medplib_jax.config_loading import load_config
-from medplib_jax.data.tokenizer import IMAGE_TOKEN
+from medplib_jax.data import synth
+from medplib_jax.data.synth import chance_levels
+from medplib_jax.data.template import template_texts
+from medplib_jax.data.tokenizer import IMAGE_TOKEN, train_tokenizer
+from medplib_jax.demo import standins
+from medplib_jax.eval.runner import evaluate
+from medplib_jax.infer.api import MedPLIB, overlay
+from medplib_jax.train import trainer
+from medplib_jax.train.run_stage import run_from_config
 
 log = logging.getLogger(__name__)
 
-STAGE_FILES = {1: "stage1_align.py", 2: "stage2_vqa.py", 3: "stage3_ground.py", 4: "stage4_moe.py"}
 # Training steps per stage (full demo / --fast) and the shared tiny-run settings.
 FULL_STEPS = {1: 150, 2: 1200, 3: 500, 4: 700}
 FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
-# Stand-in encoder pre-training (see train/standins.py): steps for SAM and CLIP.
+# Stand-in encoder pre-training (see demo/standins.py): steps for SAM and CLIP.
 STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 900}, {"sam": 2, "clip": 2}
 # The demo's CLIP tower: deeper and wider than the `tiny` test tower (3 computed layers of width
 # 128 instead of 1 of 64), so its frozen patch features can tell a small lesion from the organs
@@ -60,9 +73,6 @@ def configs_dir() -> str:
 
 def prepare_data(workdir: str, images: int, seed: int) -> dict:
   """Synthetic dataset, tokenizer, and per-task JSON files (made once, reused after)."""
-  from medplib_jax.data import synth
-  from medplib_jax.data.template import template_texts
-  from medplib_jax.data.tokenizer import train_tokenizer
   data_dir = os.path.join(workdir, "data")
   if not os.path.exists(os.path.join(data_dir, "test.json")):
     print(f"[demo] writing {images} synthetic images to {data_dir}")
@@ -163,21 +173,20 @@ def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
   if stage == 4:
     overrides += [f"--config.init.ground_expert={prev(3)}", f"--config.init.vqa_expert={prev(2)}"]
   if stage == 2:
-    # The option SPEC.md offers: train the region adapter with the VQA expert (reference: frozen).
-    overrides.append("--config.train_region_adapter=True")
-    # A random LLM (see DEMO_LLM): train it whole.
-    trainable = tuple(load_config(os.path.join(configs_dir(), f"{STAGE_FILES[2]}:tiny")).trainable)
+    # A random LLM (see DEMO_LLM): train it whole; and the option SPEC.md offers: train the
+    # region adapter with the VQA expert (reference: frozen).
+    trainable = tuple(configs.stage_config(2, "tiny").trainable)
+    trainable += ("^llm/", "^region_adapter/")
     overrides += ["--config.lora.rank=0",
-                  "--config.trainable=(" + ",".join(repr(t) for t in trainable + ("^llm/",)) + ",)"]
+                  "--config.trainable=(" + ",".join(repr(t) for t in trainable) + ",)"]
   if stage == 1 and files.get("standins"):
     overrides += [f"--config.init.clip={files['standins']['clip']}",
                   f"--config.init.sam={files['standins']['sam']}"]
-  return load_config(os.path.join(configs_dir(), f"{STAGE_FILES[stage]}:tiny"), overrides)
+  return load_config(os.path.join(configs_dir(), f"{configs.STAGES[stage]}.py:tiny"), overrides)
 
 
 def pretrain_standins(files: dict, workdir: str, steps: dict) -> dict:
-  """Stand-ins for the pretrained CLIP and SAM-Med2D (train/standins.py), made once."""
-  from medplib_jax.train import standins
+  """Stand-ins for the pretrained CLIP and SAM-Med2D (demo/standins.py), made once."""
   model_cfg = stage_config(1, files, workdir, 1, 1e-3).model
   out = {"sam": os.path.join(workdir, "standin_sam"), "clip": os.path.join(workdir, "standin_clip")}
   if not os.path.isdir(os.path.join(out["sam"], "params")):
@@ -190,31 +199,22 @@ def pretrain_standins(files: dict, workdir: str, steps: dict) -> dict:
 
 def export_untrained(files: dict, workdir: str) -> str:
   """The stage-1 starting point (pretrained stand-ins, random LLM/projector), as a model dir."""
-  import shutil
-
-  import flax.linen as nn
-  import jax
-
-  from medplib_jax import sharding
-  from medplib_jax.train import checkpointing, trainer
   cfg = stage_config(1, files, workdir, 1, 1e-3)
   target = os.path.join(workdir, "untrained")
   if not os.path.exists(os.path.join(target, "export", "config.json")):
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_tuple(cfg.logical_axis_rules)):
-      params = trainer.init_params(cfg, trainer.build_model(cfg), mesh,
-                                   trainer.previous_stage_params(cfg), jax.random.key(cfg.seed))
-    export = checkpointing.export_params(target, params, cfg)
+      params = trainer.init_params(cfg, trainer.build_model(cfg), mesh, pretrained.load(cfg),
+                                   jax.random.key(cfg.seed))
+    export = model_dir.save(os.path.join(target, "export"), params, cfg)
     shutil.copytree(files["tokenizer"], os.path.join(export, "tokenizer"), dirs_exist_ok=True)
   return os.path.join(target, "export")
 
 
 # --- evaluation and report ---------------------------------------------------------------------
 
-def evaluate_model(model_dir: str, files: dict, limit, out_dir: str) -> dict:
-  from medplib_jax.eval.runner import evaluate
-  from medplib_jax.infer.api import MedPLIB
-  model = MedPLIB.from_pretrained(model_dir)
+def evaluate_model(path: str, files: dict, limit, out_dir: str) -> dict:
+  model = MedPLIB.from_pretrained(path)
   root = files["data_dir"]
   vqa = evaluate(model, files["test_C"], root, "vqa", out_dir=os.path.join(out_dir, "vqa"),
                  limit=limit, max_new_tokens=12, progress=True)
@@ -231,7 +231,6 @@ def evaluate_model(model_dir: str, files: dict, limit, out_dir: str) -> dict:
 
 def overlays(model, files: dict, out_dir: str, count: int = 6) -> list[str]:
   """Side-by-side PNGs: image | true mask overlay | predicted mask overlay, for test grounding."""
-  from medplib_jax.infer.api import overlay
   records = json.load(open(files["test_G"]))[:count]
   os.makedirs(out_dir, exist_ok=True)
   paths = []
@@ -268,8 +267,6 @@ def table(before: dict, after: dict, chance: dict) -> str:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.WARNING)
-  from medplib_jax.data.synth import chance_levels
-  from medplib_jax.train.run_stage import run_from_config
   t0 = time.time()
   workdir = os.path.abspath(args.workdir)
   images = args.images or (60 if args.fast else 900)

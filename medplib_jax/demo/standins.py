@@ -29,7 +29,8 @@ from PIL import Image
 from medplib_jax.data import canvas
 from medplib_jax.models.clip import ClipVisionTower
 from medplib_jax.models.sam import SamMed2D
-from medplib_jax.train import checkpointing, losses
+from medplib_jax.checkpoint import model_dir
+from medplib_jax.train import losses
 
 
 def _load_image(root, rel):
@@ -85,7 +86,7 @@ def pretrain_sam(model_cfg, grounding_json: str, image_root: str, out: str, step
 
   params = _fit(params, loss_fn, (images, boxes, masks), steps=steps, lr=lr, batch_size=batch_size,
                 seed=seed, log=log, label="SAM", metric="box-prompt IoU")
-  checkpointing.save_params(out, {"sam": params})
+  model_dir.save_params(out, {"sam": params})
   return out
 
 
@@ -146,5 +147,5 @@ def pretrain_clip(model_cfg, records_json: str, image_root: str, out: str, steps
 
   params = _fit(params, loss_fn, (images, modality, present, shows), steps=steps, lr=lr,
                 batch_size=batch_size, seed=seed, log=log, label="CLIP", metric="modality acc")
-  checkpointing.save_params(out, {"vision": params["vision"]})
+  model_dir.save_params(out, {"vision": params["vision"]})
   return out

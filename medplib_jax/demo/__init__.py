@@ -1,0 +1,1 @@
+"""`medplib demo`: the embedded application on top of the library (data, training, eval, infer)."""
