@@ -253,3 +253,24 @@ def test_attention_kernels_match_autodiff_of_plain_softmax(kernel_set):
   np.testing.assert_allclose(np.asarray(ours[1, 0]), np.asarray(v[1].mean(0).repeat(2, 0)), atol=1e-6)
   for name, a, b_ in zip("qkv", ours_vjp(cotangent), theirs_vjp(cotangent)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, err_msg=f"d{name}")
+
+
+def test_every_remat_policy_gives_the_same_gradients():
+  """llm.remat_policy picks what a layer keeps (jax's policies and the named-activation ones,
+  maxtext style); the gradients stay those without remat. An unknown name is refused."""
+  from medplib_jax.models.llama import REMAT_POLICIES, LlamaConfigError
+  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 97)
+  grads = {}
+  for policy in REMAT_POLICIES:
+    _, cfg = tiny_configs(remat_policy=policy)
+    model = LlamaForCausalLM(cfg, common.moe_config(1), None)
+    if not grads:
+      params = jax.jit(model.init)(jax.random.key(1), ids)["params"]
+    loss = lambda p, model=model: model.apply({"params": p}, ids)["logits"].std()  # noqa: E731
+    grads[policy] = jax.jit(jax.grad(loss))(params)
+  for policy, g in grads.items():
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7,
+                                                         err_msg=policy), g, grads["none"])
+  _, cfg = tiny_configs(remat_policy="save_everything")
+  with pytest.raises(LlamaConfigError, match="remat_policy='save_everything'"):
+    LlamaForCausalLM(cfg, common.moe_config(1), None).init(jax.random.key(1), ids)

@@ -20,13 +20,27 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from medplib_jax.models import kernels as kernel_sets
 from medplib_jax.models.lora import LoraDense, check_targets
 from medplib_jax.models.moe import MoeFeedForward, split_expert_params
 
-REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable")
+_POLICIES = jax.checkpoint_policies
+# llm.remat_policy -> what a rematerialised layer keeps for its backward pass. The named
+# activations (checkpoint_name below) let a policy keep chosen projections, as maxtext's do.
+REMAT_POLICIES = {
+    "none": None,  # no remat: autodiff keeps what it needs
+    "nothing_saveable": _POLICIES.nothing_saveable,
+    "everything_saveable": _POLICIES.everything_saveable,
+    "dots_saveable": _POLICIES.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _POLICIES.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _POLICIES.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": _POLICIES.save_only_these_names("out_proj"),
+    "save_qkv_and_out_proj": _POLICIES.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj"),
+    "save_mlp_hidden": _POLICIES.save_only_these_names("mlp_hidden"),
+}
 
 
 class LlamaConfigError(ValueError):
@@ -145,6 +159,8 @@ class Attention(nn.Module):
     q = proj("q_proj", "q", h * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, h, hd)
     k = proj("k_proj", "k", kvh * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, kvh, hd)
     v = proj("v_proj", "v", kvh * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, kvh, hd)
+    q = checkpoint_name(q, "query_proj")
+    k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta),
                                    ("batch", "length", "act_heads", "act_kv"))
     k = rotary(k, positions, cfg.rope_theta)
@@ -158,7 +174,7 @@ class Attention(nn.Module):
       out = _cached_attention(q, keys.astype(self.dtype), values.astype(self.dtype), mask)
     out = out.reshape(b, l, h * hd)
     out = proj("o_proj", "o", cfg.width, ("heads", "embed"))(out, deterministic)
-    return out, new_cache
+    return checkpoint_name(out, "out_proj"), new_cache
 
 
 def _write_cache(layer_cache, k, v, cache_index):
@@ -215,6 +231,7 @@ class Mlp(nn.Module):
     gate = proj("gate_proj", "gate", cfg.mlp_dim, ("embed", "mlp"))(x, deterministic)
     up = proj("up_proj", "up", cfg.mlp_dim, ("embed", "mlp"))(x, deterministic)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    hidden = checkpoint_name(hidden, "mlp_hidden")
     return proj("down_proj", "down", cfg.width, ("mlp", "embed"))(hidden, deterministic)
 
 
@@ -279,7 +296,8 @@ class LlamaForCausalLM(nn.Module):
       raise LlamaConfigError(f"llm.num_heads={cfg.num_heads} is not a multiple of "
                              f"llm.num_kv_heads={cfg.num_kv_heads}")
     if cfg.remat_policy not in REMAT_POLICIES:
-      raise LlamaConfigError(f"llm.remat_policy={cfg.remat_policy!r}; choose one of {REMAT_POLICIES}")
+      raise LlamaConfigError(f"llm.remat_policy={cfg.remat_policy!r}; choose one of "
+                             f"{tuple(REMAT_POLICIES)}")
     if self.lora_config is not None and self.lora_config.rank:
       check_targets(self.lora_config.targets)
     self.embed_tokens = nn.Embed(
@@ -288,7 +306,7 @@ class LlamaForCausalLM(nn.Module):
     block = DecoderLayer
     if cfg.remat_policy != "none":
       # deterministic, the last argument, is a Python bool: static under remat.
-      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers, static_argnums=(6,))
     layer_args = (cfg, self.moe_config, self.lora_config, self.dtype, self.param_dtype)
     if cfg.scan_layers:
