@@ -266,7 +266,7 @@ def table(before: dict, after: dict, chance: dict) -> str:
 
 
 def run(args) -> int:
-  logging.basicConfig(level=logging.WARNING)
+  logging.basicConfig(level=logging.WARNING, force=True)
   t0 = time.time()
   workdir = os.path.abspath(args.workdir)
   images = args.images or (60 if args.fast else 900)

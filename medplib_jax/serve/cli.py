@@ -33,7 +33,9 @@ def run(args) -> int:
   from medplib_jax.infer.api import MedPLIB
   from medplib_jax.serve.server import Limits, Server, warm_up
 
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # force: an imported library may already have put a handler on the root logger.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
   limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                   max_question_chars=args.max_question_chars, max_new_tokens=args.max_new_tokens,
                   default_new_tokens=min(args.default_new_tokens, args.max_new_tokens),

@@ -79,7 +79,9 @@ def compile_only(cfg, devices: int) -> int:
 
 
 def run(args) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # force: an imported library may already have put a handler on the root logger.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
   try:
     cfg = load_config(args.config, args.extra)
   except (ValueError, FileNotFoundError) as e:
