@@ -108,13 +108,6 @@ def batch_sharding(mesh: Mesh, rank: int, rules=None) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes, *([None] * (rank - 1))))
 
 
-def batch_shard_count(mesh: Mesh, rules=None) -> int:
-  """How many ways the `batch` rule splits a batch's leading axis over `mesh`."""
-  axes = batch_sharding(mesh, 1, rules).spec[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[a] for a in axes)
-
-
 def mesh_axis_sizes() -> dict[str, int]:
   """{axis: size} of the mesh being traced under (`jax.set_mesh`); {} when there is none."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -63,7 +63,8 @@ def compile_only(cfg, devices: int) -> int:
     print(f"medplib train: {e}")
     return 2
   batch = int(cfg.optim.global_batch_size)
-  shards = sharding.batch_shard_count(mesh, cfg.logical_axis_rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_tuple(cfg.logical_axis_rules)):
+    shards = sharding.batch_shards()
   if batch % shards:
     print(f"medplib train: optim.global_batch_size={batch} does not split over the {shards} batch "
           f"shards of mesh {dict(mesh.shape)}; set --config.optim.global_batch_size to a multiple "
