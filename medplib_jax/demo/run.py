@@ -1,8 +1,9 @@
 """`medplib demo`: the embedded default end to end on CPU.
 
-Synthetic MeCoVQA -> tiny tokenizer -> evaluate the untrained model -> train stages 1 -> 4 (tiny
-config) -> evaluate again on the held-out test split -> a table with chance levels beside, and
-`report.md` with mask overlays in the workdir. `--fast` runs every stage for a few steps (smoke).
+Synthetic MeCoVQA -> tiny tokenizer -> evaluate the untrained model -> train stages 1 -> 4 (the
+stage configs at size demo, `configs/stageN_*.py:demo,WORKDIR`) -> evaluate again on the held-out
+test split -> a table with chance levels beside, and `report.md` with mask overlays in the
+workdir. `--fast` runs every stage for a few steps (smoke).
 """
 
 import collections
@@ -20,7 +21,6 @@ from PIL import Image
 import configs
 from medplib_jax import sharding
 from medplib_jax.checkpoint import model_dir, pretrained
-from medplib_jax.config_loading import load_config
 from medplib_jax.data import synth
 from medplib_jax.data.synth import chance_levels
 from medplib_jax.data.template import template_texts
@@ -33,25 +33,15 @@ from medplib_jax.train.run_stage import run_from_config
 
 log = logging.getLogger(__name__)
 
-# Training steps per stage (full demo / --fast) and the shared tiny-run settings.
-FULL_STEPS = {1: 150, 2: 1200, 3: 500, 4: 700}
-FAST_STEPS = {1: 2, 2: 2, 3: 2, 4: 2}
+# Training steps of every stage with --fast (the full steps are the configs').
+FAST_STEPS = 2
 # Stand-in encoder pre-training (see demo/standins.py): steps for SAM and CLIP.
 STANDIN_STEPS, FAST_STANDIN_STEPS = {"sam": 500, "clip": 900}, {"sam": 2, "clip": 2}
-# The demo's CLIP tower: deeper and wider than the `tiny` test tower (3 computed layers of width
-# 128 instead of 1 of 64), so its frozen patch features can tell a small lesion from the organs
-# around it; the LLM cannot answer lesion questions from features that do not.
-DEMO_VISION = dict(width=128, depth=4, num_heads=4, mlp_dim=512)
-# The demo's LLM: wider and deeper than the `tiny` test LLM. It starts from random weights (no
-# pretrained LLaMA is reachable), so stage 2 trains all of it rather than LoRA adapters on a
-# pretrained base; with LoRA or at 2 x 128 it did not learn to find lesions in the image tokens.
-DEMO_LLM = dict(width=256, depth=4, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=688)
-FULL_LR = {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 5e-4}
 # Training conversations are multi-turn, as MeCoVQA's are: an image's questions of one task are
 # packed into conversations of up to this many turns (pack_turns), so its image tokens are read
-# once for several answers. The region / grounding counts set the model's region and mask slots.
+# once for several answers. The region / grounding counts match the demo size's region and mask
+# slots (configs/common.py).
 MAX_TURNS = {"C": 3, "R": 2, "G": 2}
-MAX_LENGTH = 136  # the longest packed training conversation is 129 tokens
 
 
 def add_arguments(p):
@@ -64,15 +54,11 @@ def add_arguments(p):
                  help="records per task to evaluate (default all of the test split; 8 with --fast)")
 
 
-def configs_dir() -> str:
-  here = os.path.dirname(os.path.abspath(__file__))
-  return os.path.join(os.path.dirname(os.path.dirname(here)), "configs")
-
-
 # --- data --------------------------------------------------------------------------------------
 
 def prepare_data(workdir: str, images: int, seed: int) -> dict:
-  """Synthetic dataset, tokenizer, and per-task JSON files (made once, reused after)."""
+  """Synthetic dataset, tokenizer, and per-task JSON files (made once, reused after), in the
+  demo workdir layout the configs read (configs/common.py DEMO_WORKDIR)."""
   data_dir = os.path.join(workdir, "data")
   if not os.path.exists(os.path.join(data_dir, "test.json")):
     print(f"[demo] writing {images} synthetic images to {data_dir}")
@@ -154,52 +140,28 @@ def captions(records) -> list[dict]:
 
 # --- stages ------------------------------------------------------------------------------------
 
-def stage_config(stage: int, files: dict, workdir: str, steps: int, lr: float):
-  overrides = [
-      f"--config.train.steps={steps}", f"--config.optim.lr={lr}", "--config.optim.warmup_ratio=0.05",
-      f"--config.data.max_length={MAX_LENGTH}", f"--config.data.image_root={files['data_dir']}",
-      f"--config.data.tokenizer={files['tokenizer']}", "--config.train.log_every=10",
-      f"--config.train.checkpoint_every={max(steps, 1)}", "--config.optim.global_batch_size=8",
-  ] + [f"--config.model.vision.{k}={v}" for k, v in DEMO_VISION.items()]
-  overrides += [f"--config.model.llm.{k}={v}" for k, v in DEMO_LLM.items()]
-  overrides += [f"--config.model.region.max_regions={MAX_TURNS['R']}",
-                f"--config.model.grounding.max_masks={MAX_TURNS['G']}"]
-  train = {1: ["train_caption"], 2: ["train_C_turns", "train_R_turns"], 3: ["train_G_turns"],
-           4: ["train_C_turns", "train_R_turns", "train_G_turns"]}[stage]
-  overrides.append("--config.data.train=(" + ",".join(repr(files[t]) for t in train) + ",)")
-  prev = lambda s: os.path.join(workdir, f"stage{s}", "export")
-  if stage in (2, 3):
-    overrides.append(f"--config.init.previous_stage={prev(stage - 1)}")
-  if stage == 4:
-    overrides += [f"--config.init.ground_expert={prev(3)}", f"--config.init.vqa_expert={prev(2)}"]
-  if stage == 2:
-    # A random LLM (see DEMO_LLM): train it whole; and the option SPEC.md offers: train the
-    # region adapter with the VQA expert (reference: frozen).
-    trainable = tuple(configs.stage_config(2, "tiny").trainable)
-    trainable += ("^llm/", "^region_adapter/")
-    overrides += ["--config.lora.rank=0",
-                  "--config.trainable=(" + ",".join(repr(t) for t in trainable) + ",)"]
-  if stage == 1 and files.get("standins"):
-    overrides += [f"--config.init.clip={files['standins']['clip']}",
-                  f"--config.init.sam={files['standins']['sam']}"]
-  return load_config(os.path.join(configs_dir(), f"{configs.STAGES[stage]}.py:tiny"), overrides)
+def stage_config(stage: int, workdir: str, fast: bool = False):
+  """Stage 1-4's config at size demo over `workdir`; `fast`: FAST_STEPS steps."""
+  cfg = configs.stage_config(stage, f"demo,{workdir}")
+  if fast:
+    cfg.train.steps = cfg.train.checkpoint_every = FAST_STEPS
+  return cfg
 
 
-def pretrain_standins(files: dict, workdir: str, steps: dict) -> dict:
-  """Stand-ins for the pretrained CLIP and SAM-Med2D (demo/standins.py), made once."""
-  model_cfg = stage_config(1, files, workdir, 1, 1e-3).model
-  out = {"sam": os.path.join(workdir, "standin_sam"), "clip": os.path.join(workdir, "standin_clip")}
-  if not os.path.isdir(os.path.join(out["sam"], "params")):
-    standins.pretrain_sam(model_cfg, files["train_G"], files["data_dir"], out["sam"], steps["sam"])
-  if not os.path.isdir(os.path.join(out["clip"], "params")):
-    standins.pretrain_clip(model_cfg, os.path.join(files["data_dir"], "train.json"),
-                           files["data_dir"], out["clip"], steps["clip"])
-  return out
+def pretrain_standins(files: dict, workdir: str, steps: dict) -> None:
+  """Stand-ins for the pretrained CLIP and SAM-Med2D (demo/standins.py), made once, where stage
+  1's config takes them from (init.clip / init.sam)."""
+  cfg = stage_config(1, workdir)
+  if not os.path.isdir(os.path.join(cfg.init.sam, "params")):
+    standins.pretrain_sam(cfg.model, files["train_G"], files["data_dir"], cfg.init.sam, steps["sam"])
+  if not os.path.isdir(os.path.join(cfg.init.clip, "params")):
+    standins.pretrain_clip(cfg.model, os.path.join(files["data_dir"], "train.json"),
+                           files["data_dir"], cfg.init.clip, steps["clip"])
 
 
 def export_untrained(files: dict, workdir: str) -> str:
   """The stage-1 starting point (pretrained stand-ins, random LLM/projector), as a model dir."""
-  cfg = stage_config(1, files, workdir, 1, 1e-3)
+  cfg = stage_config(1, workdir)
   target = os.path.join(workdir, "untrained")
   if not os.path.exists(os.path.join(target, "export", "config.json")):
     mesh = sharding.make_mesh(cfg.mesh)
@@ -274,14 +236,13 @@ def run(args) -> int:
   files = prepare_data(workdir, images, args.seed)
   chance = chance_levels(files["test"])
   print(f"[demo] data ready ({time.time() - t0:.0f} s); pre-training stand-in CLIP and SAM encoders")
-  files["standins"] = pretrain_standins(files, workdir, FAST_STANDIN_STEPS if args.fast else STANDIN_STEPS)
+  pretrain_standins(files, workdir, FAST_STANDIN_STEPS if args.fast else STANDIN_STEPS)
   print(f"[demo] stand-ins ready ({time.time() - t0:.0f} s); evaluating the untrained model")
   before = evaluate_model(export_untrained(files, workdir), files, limit,
                           os.path.join(workdir, "eval_before"))
-  steps = FAST_STEPS if args.fast else FULL_STEPS
   for stage in (1, 2, 3, 4):
-    cfg = stage_config(stage, files, workdir, steps[stage], FULL_LR[stage])
-    print(f"[demo] stage {stage}: {steps[stage]} steps ({time.time() - t0:.0f} s)")
+    cfg = stage_config(stage, workdir, args.fast)
+    print(f"[demo] stage {stage}: {cfg.train.steps} steps ({time.time() - t0:.0f} s)")
     result = run_from_config(cfg, os.path.join(workdir, f"stage{stage}"))
     print(f"[demo] stage {stage} done ({time.time() - t0:.0f} s): " + ", ".join(
         f"{k}={result.final_metrics[k]:.4g}" for k in ("loss", "ce", "mask_dice")
@@ -293,7 +254,7 @@ def run(args) -> int:
   text = table(before, after, chance)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("# MedPLIB-JAX demo report\n\n"
-            f"Tiny config, synthetic MeCoVQA ({images} images), stages 1-4 on CPU, "
+            f"Demo config, synthetic MeCoVQA ({images} images), stages 1-4 on CPU, "
             f"{time.time() - t0:.0f} s in all. Held-out test split; correct-mode metrics.\n\n")
     f.write(text + "\n\n## Grounding: image | truth (green) | prediction (red)\n\n")
     for path, question, answer in pictures:
