@@ -9,8 +9,8 @@ sets only what differs for its stage (trainable set, LoRA, losses, optimiser). S
   and the demo's data, steps and learning rates; its paths are those of the demo's workdir
   layout, ``runs/demo`` unless the config arg names another: ``configs/stage2_vqa.py:demo`` or
   ``configs/stage2_vqa.py:demo,runs/mydemo``. After ``make demo``,
-  ``medplib train --config configs/stage2_vqa.py:demo --workdir runs/demo/stage2`` repeats its
-  stage 2.
+  ``medplib train --config configs/stage2_vqa.py:demo --workdir runs/demo/stage2_again`` trains
+  its stage 2 again (``--workdir runs/demo/stage2`` resumes the finished run).
 """
 
 import os

@@ -3,7 +3,8 @@
 Usage: medplib train --config configs/stage1_align.py:7b --workdir runs/s1
 Size demo (`:demo` or `:demo,WORKDIR`, default workdir runs/demo): the captions of the demo
 workdir, from its stand-in CLIP and SAM encoders; after `make demo`,
-medplib train --config configs/stage1_align.py:demo --workdir runs/demo/stage1 repeats its stage 1.
+medplib train --config configs/stage1_align.py:demo --workdir runs/demo/stage1_again
+trains its stage 1 again.
 """
 
 import os

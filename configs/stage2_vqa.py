@@ -3,7 +3,8 @@
 Data: MeCoVQA-C + MeCoVQA-R (+ public VQA). Usage: medplib train --config configs/stage2_vqa.py:7b
 Size demo (`:demo` or `:demo,WORKDIR`, default workdir runs/demo): the demo workdir's VQA and
 region turns, from its stage 1; after `make demo`,
-medplib train --config configs/stage2_vqa.py:demo --workdir runs/demo/stage2 repeats its stage 2.
+medplib train --config configs/stage2_vqa.py:demo --workdir runs/demo/stage2_again
+trains its stage 2 again.
 """
 
 from configs import common

@@ -3,7 +3,8 @@
 Data: MeCoVQA-G. Usage: medplib train --config configs/stage3_ground.py:7b
 Size demo (`:demo` or `:demo,WORKDIR`, default workdir runs/demo): the demo workdir's grounding
 turns, from its stage 2; after `make demo`,
-medplib train --config configs/stage3_ground.py:demo --workdir runs/demo/stage3 repeats its stage 3.
+medplib train --config configs/stage3_ground.py:demo --workdir runs/demo/stage3_again
+trains its stage 3 again.
 """
 
 from configs import common

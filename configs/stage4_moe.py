@@ -5,7 +5,8 @@ text_hidden_fcs and region adapter. Data: all of MeCoVQA, max length 1024.
 Usage: medplib train --config configs/stage4_moe.py:7b
 Size demo (`:demo` or `:demo,WORKDIR`, default workdir runs/demo): all of the demo workdir's
 turns, experts from its stages 3 and 2; after `make demo`,
-medplib train --config configs/stage4_moe.py:demo --workdir runs/demo/stage4 repeats its stage 4.
+medplib train --config configs/stage4_moe.py:demo --workdir runs/demo/stage4_again
+trains its stage 4 again.
 """
 
 from configs import common

@@ -29,7 +29,8 @@ DEMO_STAGE = {
         "trainable": ("^llm/lm_head", "^llm/embed_tokens", "^llm/.*norm", "^projector/", "^llm/",
                       "^region_adapter/")},
     3: {"train.steps": 500, "train.checkpoint_every": 500, "optim.lr": 1e-3,
-        "data.train": ("W/data/tasks/train_G_turns.json",), "init.previous_stage": "W/stage2/export"},
+        "data.train": ("W/data/tasks/train_G_turns.json",),
+        "init.previous_stage": "W/stage2/export"},
     4: {"train.steps": 700, "train.checkpoint_every": 700, "optim.lr": 5e-4,
         "data.train": ("W/data/tasks/train_C_turns.json", "W/data/tasks/train_R_turns.json",
                        "W/data/tasks/train_G_turns.json"),
@@ -76,7 +77,7 @@ def test_demo_config_takes_another_workdir(stage):
 @pytest.mark.parametrize("stage", sorted(configs.STAGES))
 @pytest.mark.parametrize("fast", [False, True])
 def test_medplib_demo_runs_the_demo_configs(stage, fast):
-  """What `medplib demo [--fast] --workdir /abs/wd` trains: the demo settings, 2 steps with --fast."""
+  """What `medplib demo [--fast] --workdir /abs/wd` trains: the demo settings (2 steps: --fast)."""
   got = flat(run.stage_config(stage, "/abs/wd", fast))
   assert got == expected(stage, "/abs/wd", steps=2 if fast else None)
 

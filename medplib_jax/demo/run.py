@@ -153,7 +153,8 @@ def pretrain_standins(files: dict, workdir: str, steps: dict) -> None:
   1's config takes them from (init.clip / init.sam)."""
   cfg = stage_config(1, workdir)
   if not os.path.isdir(os.path.join(cfg.init.sam, "params")):
-    standins.pretrain_sam(cfg.model, files["train_G"], files["data_dir"], cfg.init.sam, steps["sam"])
+    standins.pretrain_sam(cfg.model, files["train_G"], files["data_dir"], cfg.init.sam,
+                          steps["sam"])
   if not os.path.isdir(os.path.join(cfg.init.clip, "params")):
     standins.pretrain_clip(cfg.model, os.path.join(files["data_dir"], "train.json"),
                            files["data_dir"], cfg.init.clip, steps["clip"])
