@@ -1,7 +1,7 @@
 """Per-device memory of the train step must not grow with the device count (issue #23).
 
 The stage-4 train step (tiny widths, the 7B's routing and remat) is compiled ahead of time for
-2, 4 and 8 fake devices with the global batch proportional to the device count, under each mesh
+2 and 8 fake devices with the global batch proportional to the device count, under each mesh
 layout with the tpu kernel set (what pods compile; the gpu set differs only by cuDNN in half
 precision) and, on fsdp, the cpu set (models/kernels.py). Anything left unsharded over the
 batch (a replicated dropout mask, an unsharded residual) makes the per-device temporaries grow
@@ -22,7 +22,7 @@ from medplib_jax.config_loading import load_config
 from medplib_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICE_COUNTS = (2, 4, 8)
+DEVICE_COUNTS = (2, 8)
 PER_DEVICE_BATCH = 2
 TOLERANCE = 0.15  # allowed growth of temporaries over the 2-device figure
 # Buffer assignment (what memory_analysis reports) does not depend on LLVM's code generation.
@@ -72,7 +72,10 @@ def test_compile_only_cli_reports_the_step_for_a_pod_size():
   line naming the field."""
   cmd = [sys.executable, "-m", "medplib_jax.cli", "train", "--config", "configs/stage4_moe.py:tiny",
          "--compile-only", "--devices", "4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-         "--config.model.llm.kernels=tpu", "--config.data.max_length=64"]
+         "--config.model.llm.kernels=tpu", "--config.data.max_length=64",
+         # One layer per tower: this checks the command, not the step (the test above does).
+         "--config.model.llm.depth=1", "--config.model.vision.depth=1",
+         "--config.model.sam.depth=1", "--config.model.sam.global_attn_indexes=(0,)"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(cmd + ["--config.optim.global_batch_size=8"], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
