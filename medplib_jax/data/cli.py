@@ -14,7 +14,14 @@ import json
 import os
 import sys
 
+import numpy as np
+
+from configs.common import model_config, parse_size
+from medplib_jax.data import synth, tfds_builder
 from medplib_jax.data.mecovqa import load_records
+from medplib_jax.data.preprocess import PreprocessOptions, build_sample
+from medplib_jax.data.template import template_texts
+from medplib_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def add_arguments(parser):
@@ -44,11 +51,6 @@ def _length_check(args):
   """A function raising BadRecord for records that cannot be laid out (None without --tokenizer)."""
   if not args.tokenizer:
     return None
-  import numpy as np
-  from configs.common import model_config, parse_size
-  from medplib_jax.data.preprocess import PreprocessOptions, build_sample
-  from medplib_jax.data.tokenizer import load_tokenizer
-
   tok = load_tokenizer(args.tokenizer)
   cfg = model_config(parse_size(args.size))
   max_length = args.max_length or cfg.llm.max_length
@@ -65,7 +67,6 @@ def _print_bad(i, rid, bad):
 
 
 def _check(args) -> int:
-  from medplib_jax.data.tfds_builder import validate_split
   check = _length_check(args)
   bad_total = collections.Counter()
   for path in args.json:
@@ -75,7 +76,7 @@ def _check(args) -> int:
     def on_bad(i, rid, bad, counts=counts):
       counts[bad.reason] += 1
       _print_bad(i, rid, bad)
-    good = sum(1 for _ in validate_split(records, args.image_root, on_bad, check))
+    good = sum(1 for _ in tfds_builder.validate_split(records, args.image_root, on_bad, check))
     bad_total += counts
     detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
     print(f"# {path}: {len(records)} records, {good} good, {sum(counts.values())} bad ({detail})"
@@ -84,7 +85,6 @@ def _check(args) -> int:
 
 
 def _build(args) -> int:
-  from medplib_jax.data import tfds_builder
   splits = args.split or [os.path.splitext(os.path.basename(p))[0] for p in args.json]
   if len(splits) != len(args.json):
     print("medplib data build: give one --split per --json", file=sys.stderr)
@@ -97,9 +97,6 @@ def _build(args) -> int:
 
 
 def _synth(args) -> int:
-  from medplib_jax.data import synth
-  from medplib_jax.data.template import template_texts
-  from medplib_jax.data.tokenizer import train_tokenizer
   paths = synth.write_synthetic(args.out, args.n, args.seed)
   texts = synth.synth_corpus_texts(list(paths.values()))  # file paths left out
   tok_dir = train_tokenizer(texts + template_texts() * 20, os.path.join(args.out, "tokenizer"),

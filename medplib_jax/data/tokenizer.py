@@ -13,8 +13,12 @@ The tiny default is a LLaMA-style byte-fallback BPE (SentencePiece-like `▁` wo
 
 import dataclasses
 import functools
+import json
 import os
 import re
+
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Added to the LLaMA vocabulary, in this order (SPEC.md: tokens and sequence layout).
 ADDED_TOKENS = (
@@ -90,8 +94,6 @@ def load_tokenizer(path: str) -> MedplibTokenizer:
   Tokens already present (a MedPLIB checkpoint's own tokenizer) keep their ids; a directory that
   has only some of them in a different order is rejected, since embedding rows would not match.
   """
-  import transformers  # heavy; only when a tokenizer is needed
-
   if not os.path.isdir(path):
     raise TokenizerError(f"tokenizer directory {path!r} does not exist")
   try:
@@ -128,8 +130,6 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
   given text list. If the corpus is too small to learn that many pieces, the remaining ids are
   `<reserved_N>` tokens that never occur in tokenised text.
   """
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
   fixed = len(_SPECIALS) + len(_BYTE_TOKENS)
   learned = vocab_size - fixed
   if learned <= 0:
@@ -141,7 +141,7 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
   trainer = trainers.BpeTrainer(vocab_size=len(_SPECIALS) + learned + 16, special_tokens=list(_SPECIALS),
                                 limit_alphabet=min(200, learned), show_progress=False)
   draft = Tokenizer(models.BPE(unk_token="<unk>"))
-  draft.pre_tokenizer = _word_marker(pre_tokenizers)
+  draft.pre_tokenizer = _word_marker()
   draft.train_from_iterator(texts, trainer)
   draft_vocab = draft.get_vocab()
   pieces = sorted((t for t in draft_vocab if t not in _SPECIALS), key=draft_vocab.get)
@@ -163,15 +163,12 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
 
 def save_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], out_dir: str) -> str:
   """Saves a byte-fallback BPE with LLaMA's conventions (BOS added, `▁` word marker) in HF format."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-  import transformers
-
   for i, t in enumerate(_SPECIALS):
     if vocab.get(t) != i:
       raise TokenizerError(f"{t} must have id {i}")
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
                              fuse_unk=True))
-  tok.pre_tokenizer = _word_marker(pre_tokenizers)
+  tok.pre_tokenizer = _word_marker()
   tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -183,12 +180,11 @@ def save_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], out
   return out_dir
 
 
-def _word_marker(pre_tokenizers):
+def _word_marker():
   # SentencePiece-like: `▁` before the text and for every space; pieces never cross a `▁`.
   # "always" adds the marker after every special token too (the legacy LLaMA behaviour).
   return pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
 
 
 def _draft_merges(draft):
-  import json
   return json.loads(draft.to_str())["model"]["merges"]

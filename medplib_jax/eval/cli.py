@@ -10,7 +10,8 @@ already there), OUT/metrics.json (which says the mode) and OUT/run.json (the set
 import json
 import sys
 
-from medplib_jax.eval.runner import TASKS
+from medplib_jax.eval.runner import TASKS, EvalError, evaluate
+from medplib_jax.infer.api import MedPLIB
 
 EXIT_BAD_INPUT = 2
 
@@ -31,9 +32,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-  from medplib_jax.eval.runner import EvalError, evaluate
-  from medplib_jax.infer.api import MedPLIB
-
   if args.batch_size < 1 or args.max_new_tokens < 1:
     print("medplib eval: --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
     return EXIT_BAD_INPUT

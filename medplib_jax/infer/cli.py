@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+from PIL import Image
+
+from medplib_jax.infer import api
+
 EXIT_BAD_INPUT = 2
 
 
@@ -64,10 +68,6 @@ def _prompt(args) -> dict:
 
 
 def run(args) -> int:
-  from PIL import Image
-
-  from medplib_jax.infer import api
-
   try:
     prompt = _prompt(args)
     if args.max_new_tokens < 1:

@@ -7,12 +7,13 @@ and is compiled for the default request shape before the "listening" line is pri
 import logging
 import sys
 
+from medplib_jax.infer.api import MedPLIB
+from medplib_jax.serve.server import Limits, Server, warm_up
+
 EXIT_BAD_INPUT = 2
 
 
 def add_arguments(p) -> None:
-  from medplib_jax.serve.server import Limits
-
   d = Limits()
   p.add_argument("--checkpoint", required=True, help="model directory (params/, config.json, tokenizer/)")
   p.add_argument("--host", default="127.0.0.1")
@@ -30,9 +31,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-  from medplib_jax.infer.api import MedPLIB
-  from medplib_jax.serve.server import Limits, Server, warm_up
-
   # force: an imported library may already have put a handler on the root logger.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       force=True)

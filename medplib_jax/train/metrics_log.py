@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 
@@ -18,7 +19,6 @@ class MetricsLog:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     if console:
       self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
