@@ -12,9 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.harness import compare, write_result  # noqa: E402
+from configs.common import moe_config  # noqa: E402
 from medplib_jax.models.moe import MoeFeedForward  # noqa: E402
 
 BATCH, LENGTH, WIDTH, MLP = 4, 512, 512, 1408
@@ -40,8 +42,11 @@ def timed(module, x, *args):
 def main():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, LENGTH, WIDTH)), jnp.float32)
   fns = {"dense": timed(DenseSwiGLU(), x)}
+  llm = ml_collections.ConfigDict(dict(width=WIDTH, mlp_dim=MLP, kernels="auto"))
   for dispatch in ("capacity", "dropless"):
-    fns[f"moe_{dispatch}"] = timed(MoeFeedForward(WIDTH, MLP, num_experts=2, dispatch=dispatch), x, True)
+    moe = moe_config(2)
+    moe.dispatch = dispatch
+    fns[f"moe_{dispatch}"] = timed(MoeFeedForward(llm, moe, None), x, True)
   timings = compare(fns, reps=10, warmup=2)
   ratios = {name: timings[name]["median_s"] / timings["dense"]["median_s"]
             for name in fns if name != "dense"}

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import LOGICAL_AXIS_RULES
+import ml_collections
+
+from configs.common import LOGICAL_AXIS_RULES, lora_config, moe_config
 from medplib_jax import sharding
 from medplib_jax.models.moe import (MoeConfigError, MoeFeedForward, expert_capacity,
                                      split_expert_params, upcycle_ffns)
@@ -90,6 +92,27 @@ def np_moe_layer(params, x, combine, lora_scale=0.0):
 
 # ---- helpers -------------------------------------------------------------------------------------
 
+def moe_ffn(*, width=WIDTH, mlp_dim=MLP, kernels="auto", lora_rank=0, lora_alpha=16.0,
+            lora_dropout=0.0, lora_targets=(), decode_max_tokens=8, name=None, **routing):
+  """MoeFeedForward from configs, as the decoder builds it; `routing` overrides fields of
+  moe_config(2). Frozen configs are hashable, so the module can be a static jit argument."""
+  moe = moe_config(2)
+  assert set(routing) <= set(moe), sorted(set(routing) - set(moe))
+  moe.update(routing)
+  llm = ml_collections.FrozenConfigDict(dict(width=width, mlp_dim=mlp_dim, kernels=kernels))
+  lora = ml_collections.FrozenConfigDict(lora_config(lora_rank, lora_alpha, lora_dropout,
+                                                     lora_targets)) if lora_rank else None
+  return MoeFeedForward(llm, ml_collections.FrozenConfigDict(moe), lora,
+                        decode_max_tokens=decode_max_tokens, name=name)
+
+
+def with_routing(module, **routing):
+  """The module with some moe_config fields changed."""
+  moe = ml_collections.ConfigDict(module.moe_config)
+  moe.update(routing)
+  return module.clone(moe_config=ml_collections.FrozenConfigDict(moe))
+
+
 def make_params(module, x, seed=0):
   """Random params of the module's shapes, drawn with numpy (LoRA B non-zero, so LoRA is used)."""
   shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), x, True)))["params"]
@@ -119,10 +142,9 @@ FORCED_LOGITS = np.array([[2.0, 0.0], [1.0, -1.0], [0.5, 2.5], [3.0, 0.0],
                          ids=["top1-buffers", "top2-buffers", "top1-decode", "top2-decode"])
 def test_capacity_matches_deepspeed_rule(top_k, decode_max_tokens):
   # 8 tokens: decode_max_tokens=8 takes the decode path (experts under lax.cond), 0 the buffers.
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, top_k=top_k,
-                          capacity_factor_eval=0.5, min_capacity=1, random_token_selection=False,
-                          decode_max_tokens=decode_max_tokens,
-                          lora_rank=2, lora_alpha=4.0, lora_targets=("gate", "down"))
+  module = moe_ffn(top_k=top_k, capacity_factor_eval=0.5, min_capacity=1,
+                   random_token_selection=False, decode_max_tokens=decode_max_tokens,
+                   lora_rank=2, lora_alpha=4.0, lora_targets=("gate", "down"))
   x = tokens(1, (2, 4, WIDTH))
   flat = np.asarray(x.reshape(8, WIDTH), np.float64)
   params = with_router_logits(make_params(module, x), flat, FORCED_LOGITS)
@@ -146,8 +168,8 @@ def test_routing_groups_match_deepspeed_rule_per_group():
   """routing_groups=2: the numpy TopKGate applied to each block of 2 sequences on its own
   (capacity 2 per group, where the whole batch of 16 tokens would give capacity 4)."""
   width = 16
-  module = MoeFeedForward(width=width, mlp_dim=MLP, num_experts=2, routing_groups=2,
-                          capacity_factor_eval=0.5, min_capacity=1, random_token_selection=False)
+  module = moe_ffn(width=width, routing_groups=2, capacity_factor_eval=0.5, min_capacity=1,
+                   random_token_selection=False)
   x = tokens(11, (4, 4, width))
   flat = np.asarray(x.reshape(16, width), np.float64)
   # Group 0 as FORCED_LOGITS (6 tokens on expert 0), group 1 the mirror image (6 on expert 1).
@@ -171,14 +193,14 @@ def test_routing_groups_match_deepspeed_rule_per_group():
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
 def test_routing_groups_equal_separate_calls(dispatch):
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=2, dispatch=dispatch,
-                          capacity_factor_train=0.5, min_capacity=1, random_token_selection=False,
-                          decode_max_tokens=0, lora_rank=2, lora_targets=("up",))
+  module = moe_ffn(num_experts=4, top_k=2, dispatch=dispatch, capacity_factor_train=0.5,
+                   min_capacity=1, random_token_selection=False, decode_max_tokens=0,
+                   lora_rank=2, lora_targets=("up",))
   x = tokens(12, (6, 3, WIDTH))
   params = make_params(module, x)
   params["router"]["kernel"] = 3.0 * params["router"]["kernel"]  # uneven loads: drops in capacity
   apply = jax.jit(lambda m, x: m.apply({"params": params}, x, False), static_argnums=0)
-  y, stats = apply(module.clone(routing_groups=3), x)
+  y, stats = apply(with_routing(module, routing_groups=3), x)
   parts = [apply(module, x[2 * g:2 * g + 2]) for g in range(3)]
   np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats["aux_loss"], np.mean([p[1]["aux_loss"] for p in parts]),
@@ -193,8 +215,8 @@ def test_routing_groups_equal_separate_calls(dispatch):
 
 @pytest.mark.parametrize("dispatch,top_k", [("capacity", 1), ("capacity", 2), ("dropless", 2)])
 def test_decode_path_equals_buffers(dispatch, top_k):
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=top_k, dispatch=dispatch,
-                          lora_rank=2, lora_targets=("gate", "up", "down"))
+  module = moe_ffn(num_experts=4, top_k=top_k, dispatch=dispatch, lora_rank=2,
+                   lora_targets=("gate", "up", "down"))
   x = tokens(13, (3, 2, WIDTH))  # 6 tokens: under the default decode_max_tokens of 8
   params = make_params(module, x)
   apply = jax.jit(lambda m, x: m.apply({"params": params}, x, True), static_argnums=0)
@@ -203,15 +225,16 @@ def test_decode_path_equals_buffers(dispatch, top_k):
   # float32 sums in another order (outputs up to ~100 here)
   np.testing.assert_allclose(y_decode, y_buffers, rtol=1e-4, atol=1e-5 * np.abs(y_buffers).max())
   jax.tree.map(np.testing.assert_array_equal, stats, stats_buffers)
-  # One conditional per expert (skipped when nothing is routed there), no expert buffers.
+  # One conditional per expert (skipped when nothing is routed there), no batched expert dots.
   text = jax.jit(lambda x: module.apply({"params": params}, x, True)).lower(x).as_text()
-  assert text.count("stablehlo.case") == 4 and "ecd,edf" not in text
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert text.count("stablehlo.case") == 4 and dots and not any("batching_dims" in d for d in dots)
 
 
 def test_decode_path_skips_unrouted_experts():
   """A token routed to expert 0 only: expert 1's branch is not taken, so even NaN weights there
   leave the output finite and equal to expert 0's (the buffer path computes expert 1 too)."""
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2)
+  module = moe_ffn()
   x = tokens(15, (1, 1, WIDTH))
   params = make_params(module, x)
   params["router"]["kernel"] = jnp.zeros_like(params["router"]["kernel"])  # tie -> expert 0
@@ -230,8 +253,7 @@ def test_capacity_formula():
 
 
 def test_random_token_selection_keeps_capacity_of_routed_tokens():
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, capacity_factor_train=0.5,
-                          min_capacity=1)
+  module = moe_ffn(capacity_factor_train=0.5, min_capacity=1)
   x = tokens(2, (1, 8, WIDTH))
   flat = np.asarray(x.reshape(8, WIDTH), np.float64)
   params = with_router_logits(make_params(module, x), flat, FORCED_LOGITS)
@@ -261,7 +283,7 @@ def test_aux_loss_worked_example():
   # gates: [.75 .25] [.75 .25] [.25 .75] [.5 .5] -> first choices 0, 0, 1, 0 (tie -> expert 0).
   # me = [.5625, .4375], ce = [.75, .25]; l_aux = 2 * (.5625 * .75 + .4375 * .25) = 1.0625.
   logits = np.array([[math.log(3.0), 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)], [0.0, 0.0]])
-  module = MoeFeedForward(width=4, mlp_dim=MLP, num_experts=2)
+  module = moe_ffn(width=4)
   x = tokens(3, (1, 4, 4))
   params = with_router_logits(make_params(module, x), np.asarray(x[0], np.float64), logits)
   _, stats = jax.jit(module.apply, static_argnums=2)({"params": params}, x, True)
@@ -274,8 +296,8 @@ def test_aux_loss_worked_example():
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dropless_equals_dense_per_token(top_k):
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=top_k, dispatch="dropless",
-                          lora_rank=2, lora_alpha=2.0, lora_targets=("up", "down"))
+  module = moe_ffn(num_experts=4, top_k=top_k, dispatch="dropless", lora_rank=2, lora_alpha=2.0,
+                   lora_targets=("up", "down"))
   x = tokens(4, (3, 5, WIDTH))
   params = make_params(module, x)
   params["router"]["kernel"] = 3.0 * params["router"]["kernel"]  # uneven expert loads
@@ -313,9 +335,9 @@ MESHES = {
 def test_sharded_equals_single_device(dispatch, routing_groups):
   # A fixed group count gives the same numbers on every layout (2 groups on 4, 8 or 1 batch
   # shards): groups are blocks of the batch, not of the mesh.
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=4, top_k=2, dispatch=dispatch,
-                          capacity_factor_train=0.6, min_capacity=1, lora_rank=2,
-                          routing_groups=routing_groups, lora_targets=("gate",))
+  module = moe_ffn(num_experts=4, top_k=2, dispatch=dispatch, capacity_factor_train=0.6,
+                   min_capacity=1, lora_rank=2, routing_groups=routing_groups,
+                   lora_targets=("gate",))
   x = tokens(5, (4, 5, WIDTH))  # 20 tokens: not a multiple of 8, so the token padding is used
   params = make_params(module, x)
 
@@ -342,10 +364,47 @@ def test_sharded_equals_single_device(dispatch, routing_groups):
                  grads1, grads0)
 
 
+def test_kernel_sets_agree():
+  """The gpu / tpu expert einsums over [G, E, C, D] buffers and the cpu experts-leading dots
+  (models/kernels.py) give the same outputs, stats and gradients: 2 routing groups with drops,
+  LoRA; the tpu set also sharded with the experts local (on fsdp) and expert-parallel."""
+  x = tokens(16, (4, 5, WIDTH))
+  results = {}
+  for kernel_set, mesh_name in (("cpu", None), ("gpu", None), ("tpu", None),
+                                ("tpu", "experts_on_fsdp"), ("tpu", "data2_expert2_fsdp2")):
+    module = moe_ffn(num_experts=4, top_k=2, capacity_factor_train=0.6, min_capacity=1,
+                     routing_groups=2, lora_rank=2, lora_targets=("gate", "down"),
+                     kernels=kernel_set)
+    if not results:
+      params = make_params(module, x)
+
+    def loss(params, x, module=module):
+      y, stats = module.apply({"params": params}, x, False, rngs={"router": jax.random.key(7)})
+      return jnp.sum(y ** 2), (y, stats)
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if mesh_name is None:
+      results[kernel_set] = step(params, x)
+      continue
+    mesh_cfg, rules = MESHES[mesh_name]
+    mesh = sharding.make_mesh(mesh_cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      abstract = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, True))
+      shardings = sharding.logical_to_shardings(abstract, mesh, rules)["params"]
+      results[f"tpu_{mesh_name}"] = step(jax.device_put(params, shardings), x)
+  (_, (y0, stats0)), grads0 = results.pop("cpu")
+  assert float(stats0["dropped_fraction"]) > 0.0
+  for (_, (y1, stats1)), grads1 in results.values():
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats1, stats0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 grads1, grads0)
+
+
 def test_one_group_per_batch_shard_keeps_expert_work_per_device():
   """routing_groups=0 on 8 fsdp shards: 8 groups, one per device, so each device runs the
   experts on its own tokens; one global group makes every device run them on all tokens."""
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, routing_groups=0)
+  module = moe_ffn(routing_groups=0)
   x = tokens(14, (8, 16, WIDTH))
   params = make_params(module, x)
   mesh = sharding.make_mesh(dict(data=1, fsdp=8, expert=1, tensor=1))
@@ -354,7 +413,7 @@ def test_one_group_per_batch_shard_keeps_expert_work_per_device():
     assert module._num_groups(8) == 8 and module._num_groups(1) == 1  # decode batch 1: 1 group
     x_sharded = jax.device_put(x, sharding.batch_sharding(mesh, 3, LOGICAL_AXIS_RULES))
     for groups in (0, 1):
-      fn = jax.jit(lambda p, x, m=module.clone(routing_groups=groups): m.apply({"params": p}, x, False,
+      fn = jax.jit(lambda p, x, m=with_routing(module, routing_groups=groups): m.apply({"params": p}, x, False,
                                                        rngs={"router": jax.random.key(0)})[0])
       cost = fn.lower(params, x_sharded).compile().cost_analysis()
       flops[groups] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
@@ -364,7 +423,7 @@ def test_one_group_per_batch_shard_keeps_expert_work_per_device():
 
 
 def test_expert_parallel_uses_all_to_all():
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2)
+  module = moe_ffn()
   x = tokens(6, (4, 4, WIDTH))
   params = make_params(module, x)
   with jax.set_mesh(sharding.make_mesh(dict(data=2, fsdp=2, expert=2))), \
@@ -376,8 +435,7 @@ def test_expert_parallel_uses_all_to_all():
 # ---- params, upcycling, scan ---------------------------------------------------------------------
 
 def test_param_layout_and_lora_init():
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=2, lora_rank=3,
-                          lora_targets=("gate", "up", "down", "q", "v"))
+  module = moe_ffn(lora_rank=3, lora_targets=("gate", "up", "down", "q", "v"))
   boxed = jax.jit(module.init, static_argnums=2)(jax.random.key(0), jnp.zeros((1, 2, WIDTH)), True)
   boxed = boxed["params"]
   names = {k: v.names for k, v in boxed.items() if hasattr(v, "names")}
@@ -395,14 +453,13 @@ def test_param_layout_and_lora_init():
 def test_bad_config_is_rejected():
   x = jnp.zeros((1, 2, WIDTH))
   with pytest.raises(MoeConfigError, match="dispatch"):
-    MoeFeedForward(width=WIDTH, mlp_dim=MLP, dispatch="sparse").init(jax.random.key(0), x, True)
+    moe_ffn(dispatch="sparse").init(jax.random.key(0), x, True)
   with pytest.raises(MoeConfigError, match="top_k"):
-    MoeFeedForward(width=WIDTH, mlp_dim=MLP, top_k=3, num_experts=4).init(jax.random.key(0), x, True)
+    moe_ffn(top_k=3, num_experts=4).init(jax.random.key(0), x, True)
   with pytest.raises(MoeConfigError, match="routing_groups"):
-    MoeFeedForward(width=WIDTH, mlp_dim=MLP, routing_groups=2).init(
-        jax.random.key(0), jnp.zeros((3, 2, WIDTH)), True)
+    moe_ffn(routing_groups=2).init(jax.random.key(0), jnp.zeros((3, 2, WIDTH)), True)
   with pytest.raises(MoeConfigError, match="routing_groups"):
-    MoeFeedForward(width=WIDTH, mlp_dim=MLP, routing_groups=-1).init(jax.random.key(0), x, True)
+    moe_ffn(routing_groups=-1).init(jax.random.key(0), x, True)
   with pytest.raises(MoeConfigError, match="up_proj"):
     upcycle_ffns([{"gate_proj": {"kernel": jnp.zeros((2, 3))}}])
 
@@ -417,7 +474,7 @@ class _ScannedMoe(nn.Module):
       y, stats = layer(carry, True)
       return carry + y, stats
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-    return scan(MoeFeedForward(WIDTH, MLP, num_experts=2, dispatch=self.dispatch, name="moe"), x, None)
+    return scan(moe_ffn(dispatch=self.dispatch, name="moe"), x, None)
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
@@ -461,7 +518,7 @@ def test_upcycle_default_router_is_uniform():
   moe = upcycle_ffns([ffn, ffn])
   np.testing.assert_array_equal(moe["router"]["kernel"], np.zeros((WIDTH, 2)))
   x = tokens(9, (1, 4, WIDTH))
-  y, stats = jax.jit(MoeFeedForward(WIDTH, MLP).apply, static_argnums=2)({"params": moe}, x, True)
+  y, stats = jax.jit(moe_ffn().apply, static_argnums=2)({"params": moe}, x, True)
   # Equal gates: every token picks expert 0 (first maximum) with probability 1/2.
   np.testing.assert_array_equal(stats["tokens_per_expert"], [4, 0])
   want = 0.5 * np_expert({k: v["kernel"][None] for k, v in ffn.items()}, 0,
@@ -474,9 +531,9 @@ def test_upcycle_default_router_is_uniform():
 @pytest.mark.parametrize("dispatch,top_k,decode_max_tokens", [
     ("capacity", 1, 8), ("capacity", 2, 0), ("dropless", 1, 0), ("dropless", 2, 8)])
 def test_split_experts_equal_stacked(dispatch, top_k, decode_max_tokens):
-  stacked = MoeFeedForward(width=WIDTH, mlp_dim=MLP, num_experts=3, top_k=top_k, dispatch=dispatch,
-                           decode_max_tokens=decode_max_tokens)
-  split = stacked.clone(split_experts=True)
+  stacked = moe_ffn(num_experts=3, top_k=top_k, dispatch=dispatch,
+                    decode_max_tokens=decode_max_tokens)
+  split = with_routing(stacked, split_experts=True)
   x = tokens(21, (2, 3, WIDTH))
   params = make_params(stacked, x)
   converted = split_expert_params(params)
@@ -495,11 +552,10 @@ def test_split_experts_reject_lora_and_expert_parallel():
   with pytest.raises(MoeConfigError, match="merge"):
     split_expert_params({"router": {}, "gate_proj_lora_a": jnp.zeros((2, 4, 1))})
   x = tokens(2, (1, 1, WIDTH))
-  lora = MoeFeedForward(width=WIDTH, mlp_dim=MLP, split_experts=True, lora_rank=2,
-                        lora_targets=("gate",))
+  lora = moe_ffn(split_experts=True, lora_rank=2, lora_targets=("gate",))
   with pytest.raises(MoeConfigError, match="LoRA"):
     lora.init(jax.random.key(0), x, True)
-  module = MoeFeedForward(width=WIDTH, mlp_dim=MLP, split_experts=True)
+  module = moe_ffn(split_experts=True)
   params = nn.unbox(module.init(jax.random.key(0), x, True))
   mesh = sharding.make_mesh(dict(data=4, fsdp=1, expert=2, tensor=1))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):

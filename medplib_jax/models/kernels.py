@@ -202,3 +202,36 @@ def _keep_scaled_bwd(keep_prob, keep, g):
 
 
 _keep_scaled.defvjp(_keep_scaled_fwd, _keep_scaled_bwd)
+
+
+# --- MoE expert buffers ---------------------------------------------------------------------------
+
+def expert_matmul(h, w, kernels: str):
+  """Expert buffers h [..., E, N, in] @ expert weights w [E, in, out] -> [..., E, N, out].
+
+  cpu: h must be [E, N, in], one dot with the expert axis leading on both operands (XLA:CPU runs
+  a dot whose batch axis is not the leading one several times slower).
+  """
+  if resolve(kernels) == "cpu":
+    return jax.lax.dot_general(h, w, (((2,), (1,)), ((0,), (0,))))
+  return jnp.einsum("...ecd,edf->...ecf", h, w)
+
+
+def expert_ffn(ffn, buffers, group_axis, kernels: str):
+  """The experts' FFN on dispatched buffers [G, E, C, D] -> [G, E, C, D].
+
+  `ffn(h, matmul)` computes the FFN on h, `matmul(h, w)` applying the expert weights w
+  [E, in, out] along h's expert axis; `group_axis` is the groups' logical axis ("batch" or None).
+  gpu / tpu: h is the buffers as they are. cpu: h is [E, G * C, D], each expert's rows of all
+  groups in one block (group-major, so the rows stay on the batch shards), for `expert_matmul`.
+  """
+  matmul = partial(expert_matmul, kernels=kernels)
+  if resolve(kernels) != "cpu":
+    axes = (group_axis, "act_exp", None, "act_embed")
+    out = ffn(nn.with_logical_constraint(buffers, axes), matmul)
+    return nn.with_logical_constraint(out, axes)
+  groups, experts, rows, width = buffers.shape
+  axes = ("act_exp", group_axis, "act_embed")
+  h = jnp.swapaxes(buffers, 0, 1).reshape(experts, groups * rows, width)
+  out = nn.with_logical_constraint(ffn(nn.with_logical_constraint(h, axes), matmul), axes)
+  return jnp.swapaxes(out.reshape(experts, groups, rows, -1), 0, 1)

@@ -254,21 +254,8 @@ class DecoderLayer(nn.Module):
     hidden = hidden + attn_out
     x = norm("post_attention_layernorm")(hidden)
     if moe is not None and moe.num_experts > 1:
-      lora = self.lora_config
-      ffn_targets = tuple(t for t in (lora.targets if lora is not None and lora.rank else ())
-                          if t in ("gate", "up", "down"))
-      y, stats = MoeFeedForward(
-          width=cfg.width, mlp_dim=cfg.mlp_dim, num_experts=moe.num_experts, top_k=moe.top_k,
-          dispatch=moe.dispatch, capacity_factor_train=moe.capacity_factor_train,
-          capacity_factor_eval=moe.capacity_factor_eval, min_capacity=moe.min_capacity,
-          random_token_selection=moe.random_token_selection,
-          routing_groups=moe.routing_groups,
-          lora_rank=int(lora.rank) if ffn_targets else 0,
-          lora_alpha=float(lora.alpha) if lora is not None else 16.0,
-          lora_dropout=float(lora.dropout) if lora is not None else 0.0,
-          lora_targets=ffn_targets, dtype=self.dtype, param_dtype=self.param_dtype,
-          split_experts=moe.split_experts, expert_axis=moe.expert_axis, kernels=cfg.kernels,
-          name="mlp")(x, deterministic)
+      y, stats = MoeFeedForward(cfg, moe, self.lora_config, self.dtype, self.param_dtype,
+                                name="mlp")(x, deterministic)
     else:
       y = Mlp(cfg, self.lora_config, self.dtype, self.param_dtype, name="mlp")(x, deterministic)
       stats = {}

@@ -8,7 +8,8 @@ axis. Two dispatch modes:
   `expert_capacity(tokens, experts, k, factor, min_capacity)` tokens, counted over each routing
   group's tokens (padding included); the rest are dropped (FFN output 0, the residual carries
   them). Which routed tokens are kept is decided by DeepSpeed's random token selection (random
-  priority from the 'router' RNG stream, training only) or by position order.
+  priority from the 'router' RNG stream, training only) or by position order. Kept tokens are
+  scattered into per-expert buffers [E, C, D], run through the experts and gathered back.
 * ``dropless``: assignments sorted by expert and run through one grouped matmul
   (`jax.lax.ragged_dot`); nothing is dropped, so top-1 inference costs one dense FFN.
 
@@ -28,14 +29,15 @@ Few tokens (a decode step, at most `decode_max_tokens`): each expert runs under 
 taken only when a token is routed to it, so only the routed experts' weights are read.
 
 Expert layouts: training keeps the experts stacked on a leading axis (`gate_proj` [E, D, F]),
-which the expert mesh axis shards. Inference may split them (`split_experts=True`: `gate_proj_0`,
-`gate_proj_1`, ... each [D, F]; see `split_expert_params`), so a decode step's dots read the
-routed expert's weights where they lie instead of a copy sliced out of the stack (XLA:CPU copies
-such slices). The split layout has no LoRA (merge it first) and no expert parallelism; calls
-with more tokens than a decode step (a prefill) re-stack the experts once and take the usual
-buffer paths.
-"""
+which the expert mesh axis shards. Inference may split them (`moe.split_experts`: `gate_proj_0`,
+`gate_proj_1`, ... each [D, F]; see `split_expert_params`) so that a decode step's dots read the
+routed expert's weights where they lie, not a slice of the stack. The split layout has no LoRA
+(merge it first) and no expert parallelism; a call with more tokens than a decode step (a
+prefill) re-stacks the experts once and takes the buffer paths.
 
+How the expert buffers meet the expert weights in the dots is the backend kernel set's choice
+(`kernels.expert_ffn`, `kernels.expert_matmul`); the numbers are the same in every set.
+"""
 import math
 from functools import partial
 from typing import Any, NamedTuple
@@ -48,6 +50,7 @@ from flax.core import meta
 from jax.sharding import PartitionSpec as P
 
 from medplib_jax.models import kernels as kernel_sets
+from medplib_jax.models.lora import TARGET_MODULES
 from medplib_jax.sharding import batch_shards, mesh_axis_sizes
 
 DISPATCH_MODES = ("capacity", "dropless")
@@ -150,14 +153,6 @@ def _swiglu_experts(params, h, matmul, *, lora_scale, lora_dropout, dropout_key,
   return project("down_proj", hidden, 2)
 
 
-def _buffer_matmul(h, w):
-  """Expert buffers [E, N, in] @ weights [E, in, out] -> [E, N, out], the expert axis leading
-  on both sides: XLA:CPU runs a dot whose batch axis is not the leading one (e.g. over
-  [G, E, C, D] buffers), and its gradients, several times slower (measured fwd + bwd of the
-  expert FFNs on [1, 2, 768, 256] buffers: 156 ms vs 42 ms as [2, 768, 256])."""
-  return jax.lax.dot_general(h, w, (((2,), (1,)), ((0,), (0,))))
-
-
 def _dispatch(x, expert_index, slot, kept, num_experts, capacity):
   """Capacity dispatch: tokens [T, D] -> (expert buffers [E, C, D], rows [T, k]).
 
@@ -182,6 +177,11 @@ def _combine(out, rows, weight):
 class MoeFeedForward(nn.Module):
   """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats).
 
+  Built like `llama.Mlp`: `config` is the llm config (width D, mlp_dim F, kernels), `moe_config`
+  the routing (num_experts E, top_k, dispatch, capacity_factor_train / _eval, min_capacity,
+  random_token_selection, routing_groups, split_experts, expert_axis) and `lora_config` (rank r,
+  alpha, dropout, targets; None = no LoRA) the adapters, of which only the expert targets
+  gate / up / down apply here (attention targets belong to the attention block).
   Routing groups: the batch is split into G contiguous blocks of B / G sequences
   (`routing_groups`; 0 = one per batch shard of the current mesh); each group is routed, and its
   capacity counted, on its own, as if it were a separate call. G = 1 routes the whole batch.
@@ -194,61 +194,63 @@ class MoeFeedForward(nn.Module):
   A call with at most `decode_max_tokens` tokens (decode) and no expert-parallel mesh axis runs
   each expert only if a token is routed to it (reads only the routed experts' weights).
   """
-  width: int
-  mlp_dim: int
-  num_experts: int = 2
-  top_k: int = 1
-  dispatch: str = "capacity"
-  capacity_factor_train: float = 1.5
-  capacity_factor_eval: float = 2.0
-  min_capacity: int = 4
-  random_token_selection: bool = True
-  routing_groups: int = 1
-  decode_max_tokens: int = 8
-  split_experts: bool = False
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_targets: tuple = ()
+  config: Any
+  moe_config: Any
+  lora_config: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  expert_axis: str = "expert"
-  kernels: str = "auto"  # backend kernel set of the LoRA dropout masks (models/kernels.py)
+  decode_max_tokens: int = 8
+
+  @property
+  def _lora_targets(self) -> tuple:
+    """The expert projections' LoRA targets; () without LoRA."""
+    lora = self.lora_config
+    if lora is None or not lora.rank:
+      return ()
+    return tuple(t for t in lora.targets if t in LORA_TARGETS)
+
+  @property
+  def _lora_rank(self) -> int:
+    return int(self.lora_config.rank) if self._lora_targets else 0
 
   def _check(self):
-    if self.dispatch not in DISPATCH_MODES:
-      raise MoeConfigError(f"moe.dispatch={self.dispatch!r}; choose one of {DISPATCH_MODES}")
-    if self.top_k not in (1, 2) or self.top_k > self.num_experts:
-      raise MoeConfigError(f"moe.top_k={self.top_k} with {self.num_experts} experts; "
+    moe = self.moe_config
+    if moe.dispatch not in DISPATCH_MODES:
+      raise MoeConfigError(f"moe.dispatch={moe.dispatch!r}; choose one of {DISPATCH_MODES}")
+    if moe.top_k not in (1, 2) or moe.top_k > moe.num_experts:
+      raise MoeConfigError(f"moe.top_k={moe.top_k} with {moe.num_experts} experts; "
                            "top_k must be 1 or 2 and at most num_experts")
-    if self.routing_groups < 0:
-      raise MoeConfigError(f"moe.routing_groups={self.routing_groups}; use a positive group count "
+    if moe.routing_groups < 0:
+      raise MoeConfigError(f"moe.routing_groups={moe.routing_groups}; use a positive group count "
                            "or 0 for one group per batch shard")
-    if self.split_experts and self.lora_rank and set(self.lora_targets) & set(LORA_TARGETS):
+    if moe.split_experts and self._lora_rank:
       raise MoeConfigError("split_experts is an inference layout without LoRA on the experts; "
                            "merge the adapters first (lora.merge_lora)")
-    unknown = set(self.lora_targets) - set(LORA_TARGETS) - {"q", "k", "v", "o"}
-    if unknown:
-      raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; "
-                           f"expert targets are {LORA_TARGETS}")
+    if self.lora_config is not None and self.lora_config.rank:
+      unknown = set(self.lora_config.targets) - set(TARGET_MODULES)
+      if unknown:
+        raise MoeConfigError(f"lora targets {sorted(unknown)} are unknown; "
+                             f"expert targets are {LORA_TARGETS}")
 
   def _num_groups(self, batch):
-    if self.routing_groups == 0:
+    groups = self.moe_config.routing_groups
+    if groups == 0:
       # A batch smaller than the shard count (e.g. decode on a data-parallel mesh) or not a
       # multiple of it gets the largest group count that divides it.
       return math.gcd(batch, batch_shards())
-    if batch % self.routing_groups:
-      raise MoeConfigError(f"moe.routing_groups={self.routing_groups} does not divide the batch "
+    if batch % groups:
+      raise MoeConfigError(f"moe.routing_groups={groups} does not divide the batch "
                            f"of {batch} sequences")
-    return self.routing_groups
+    return groups
 
   def _expert_params(self):
     """{name: [E, ...]} when stacked; a list of E dicts {name: [...]} when split."""
-    e, d, f, r = self.num_experts, self.width, self.mlp_dim, self.lora_rank
+    e, d, f = self.moe_config.num_experts, self.config.width, self.config.mlp_dim
+    r = self._lora_rank
     shapes = {"gate_proj": ((e, d, f), ("exp", "embed", "mlp")),
               "up_proj": ((e, d, f), ("exp", "embed", "mlp")),
               "down_proj": ((e, f, d), ("exp", "mlp", "embed"))}
-    if self.split_experts:
+    if self.moe_config.split_experts:
       return [{name: self.param(f"{name}_{i}", nn.with_logical_partitioning(
           lambda key, shape, dtype: _expert_init(key, (1,) + shape, dtype)[0], names[1:]),
           shape[1:], self.param_dtype) for name, (shape, names) in shapes.items()}
@@ -257,9 +259,7 @@ class MoeFeedForward(nn.Module):
     for name, (shape, names) in shapes.items():
       params[name] = self.param(name, nn.with_logical_partitioning(_expert_init, names), shape,
                                 self.param_dtype)
-    for target in self.lora_targets if r > 0 else ():
-      if target not in _PROJ_OF_TARGET:
-        continue  # attention targets belong to the attention block
+    for target in self._lora_targets:
       name = _PROJ_OF_TARGET[target]
       (_, d_in, d_out), (exp, in_name, out_name) = shapes[name]
       params[name + "_lora_a"] = self.param(
@@ -273,6 +273,7 @@ class MoeFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     self._check()
+    moe = self.moe_config
     batch, length, width = x.shape
     groups = self._num_groups(batch)
     group_tokens = batch // groups * length
@@ -281,44 +282,47 @@ class MoeFeedForward(nn.Module):
     tokens = nn.with_logical_constraint(x.reshape(groups, group_tokens, width),
                                         (group_axis, None, "act_embed"))
     router_init = nn.with_logical_partitioning(_torch_linear_init, ("embed", None))
-    logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
+    logits = nn.Dense(moe.num_experts, use_bias=False, dtype=jnp.float32,
                       param_dtype=self.param_dtype, kernel_init=router_init,
                       name="router")(tokens.astype(jnp.float32))  # [G, S, E]
     params = self._expert_params()
 
     capacity, noise = None, None
-    if self.dispatch == "capacity":
-      factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
-      capacity = expert_capacity(group_tokens, self.num_experts, self.top_k, factor,
-                                 self.min_capacity)
-      if self.random_token_selection and not deterministic:
+    if moe.dispatch == "capacity":
+      factor = moe.capacity_factor_eval if deterministic else moe.capacity_factor_train
+      capacity = expert_capacity(group_tokens, moe.num_experts, moe.top_k, factor,
+                                 moe.min_capacity)
+      if moe.random_token_selection and not deterministic:
         keys = jax.random.split(self.make_rng("router"), groups)  # one selection key per group
-        noise = jax.vmap(lambda k: jax.random.uniform(k, (group_tokens, self.top_k)))(keys)
-    routing = jax.vmap(lambda lg, nz: route(lg, top_k=self.top_k, capacity=capacity,
+        noise = jax.vmap(lambda k: jax.random.uniform(k, (group_tokens, moe.top_k)))(keys)
+    routing = jax.vmap(lambda lg, nz: route(lg, top_k=moe.top_k, capacity=capacity,
                                             priority_noise=nz))(logits, noise)
 
+    lora_rank = self._lora_rank
+    lora_alpha = float(self.lora_config.alpha) if lora_rank else 16.0
+    lora_dropout = float(self.lora_config.dropout) if lora_rank else 0.0
     dropout_key = None
-    if not deterministic and self.lora_dropout > 0.0 and self.lora_rank > 0:
+    if not deterministic and lora_dropout > 0.0:
       dropout_key = self.make_rng("dropout")
-    ffn = dict(lora_scale=self.lora_alpha / max(self.lora_rank, 1), lora_dropout=self.lora_dropout,
-               dtype=self.dtype, kernels=self.kernels)
+    ffn = dict(lora_scale=lora_alpha / max(lora_rank, 1), lora_dropout=lora_dropout,
+               dtype=self.dtype, kernels=self.config.kernels)
     tokens = tokens.astype(self.dtype)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [G, S, ...] -> [G * S, ...]
-    expert_parallel = mesh_axis_sizes().get(self.expert_axis, 1)
-    if self.split_experts and expert_parallel > 1:
+    expert_parallel = mesh_axis_sizes().get(moe.expert_axis, 1)
+    if moe.split_experts and expert_parallel > 1:
       raise MoeConfigError(f"split_experts cannot run expert-parallel (mesh axis "
-                           f"{self.expert_axis!r} has size {expert_parallel}); use stacked experts")
+                           f"{moe.expert_axis!r} has size {expert_parallel}); use stacked experts")
     decode = batch * length <= self.decode_max_tokens and expert_parallel == 1
-    if self.split_experts and not decode:  # the buffer paths want the stack: one per call (prefill)
+    if moe.split_experts and not decode:  # the buffer paths want the stack: one per call (prefill)
       params = {name: jnp.stack([p[name] for p in params]) for name in params[0]}
     if decode:
       y = self._used_experts_only(flat(tokens), flat(routing.expert_index), flat(routing.kept),
                                   flat(routing.combine_weight), params, dropout_key, ffn)
-    elif self.dispatch == "capacity" and expert_parallel > 1:
+    elif moe.dispatch == "capacity" and expert_parallel > 1:
       y = self._capacity_expert_parallel(flat(tokens), flat(routing.expert_index),
                                          flat(routing.kept), flat(routing.combine_weight), params,
                                          capacity, dropout_key, ffn)
-    elif self.dispatch == "capacity":
+    elif moe.dispatch == "capacity":
       y = self._capacity_local(tokens, routing, params, capacity, group_axis, dropout_key, ffn)
     elif expert_parallel > 1:
       y = self._dropless_expert_parallel(flat(tokens), flat(routing.expert_index),
@@ -341,14 +345,14 @@ class MoeFeedForward(nn.Module):
     capacity included: every token is scaled by its combine weight for that expert, 0 where
     not routed there or dropped. tokens [T, D], routing arrays [T, k] -> [T, D]."""
     y = jnp.zeros(tokens.shape, self.dtype)
-    for e in range(self.num_experts):
+    for e in range(self.moe_config.num_experts):
       routed = (expert_index == e) & kept
       scale = jnp.sum(jnp.where(routed, weight, 0.0), axis=-1)  # [T]
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, e)
 
       def run(x, e=e, key=key):
         # The expert's slice is taken inside the branch: a skipped expert's weights are not read.
-        mine = params[e] if self.split_experts else {name: w[e] for name, w in params.items()}
+        mine = params[e] if self.moe_config.split_experts else {n: w[e] for n, w in params.items()}
         return _swiglu_experts(mine, x, jnp.matmul, dropout_key=key, **ffn).astype(self.dtype)
 
       out = jax.lax.cond(jnp.any(routed), run, jnp.zeros_like, tokens)
@@ -359,18 +363,14 @@ class MoeFeedForward(nn.Module):
 
   def _capacity_local(self, tokens, routing, params, capacity, group_axis, dropout_key, ffn):
     """Per group: scatter into [E, C, D] buffers, so the buffers are [G, E, C, D] with the groups
-    on the batch shards; the experts run on them laid out experts first, [E, G * C, D] (the
-    group axis, still on the batch shards, major in the rows), as one batched dot per
-    projection; gather back per group."""
+    on the batch shards; the experts run on all groups' buffers at once (`kernels.expert_ffn`);
+    gather back per group."""
     buffer_rows = min(capacity, tokens.shape[1])  # an expert never receives more than S tokens
-    buffers, rows = jax.vmap(partial(_dispatch, num_experts=self.num_experts, capacity=buffer_rows))(
-        tokens, routing.expert_index, routing.rank, routing.kept)
-    groups, experts, _, width = buffers.shape
-    h = jnp.swapaxes(buffers, 0, 1).reshape(experts, groups * buffer_rows, width)
-    h = nn.with_logical_constraint(h, ("act_exp", group_axis, "act_embed"))
-    out = _swiglu_experts(params, h, _buffer_matmul, dropout_key=dropout_key, **ffn)
-    out = nn.with_logical_constraint(out, ("act_exp", group_axis, "act_embed"))
-    out = jnp.swapaxes(out.reshape(experts, groups, buffer_rows, width), 0, 1)
+    dispatch = partial(_dispatch, num_experts=self.moe_config.num_experts, capacity=buffer_rows)
+    buffers, rows = jax.vmap(dispatch)(tokens, routing.expert_index, routing.rank, routing.kept)
+    experts = lambda h, matmul: _swiglu_experts(  # noqa: E731
+        params, h, matmul, dropout_key=dropout_key, **ffn)
+    out = kernel_sets.expert_ffn(experts, buffers, group_axis, self.config.kernels)
     return jax.vmap(_combine)(out, rows, routing.combine_weight)
 
   def _capacity_expert_parallel(self, tokens, expert_index, kept, weight, params, capacity,
@@ -380,19 +380,20 @@ class MoeFeedForward(nn.Module):
     experts run, and a second all-to-all returns the outputs. Keep/drop was decided per routing
     group before; tokens [T, D] and the routing arrays [T, k] are the groups flattened."""
     sizes = mesh_axis_sizes()
-    ep = sizes[self.expert_axis]
-    if self.num_experts % ep:
-      raise MoeConfigError(f"{self.num_experts} experts cannot be split over a mesh axis "
-                           f"{self.expert_axis!r} of size {ep}")
-    token_axes = tuple(a for a in _TOKEN_AXES if sizes.get(a, 1) > 1) or (self.expert_axis,)
-    if self.expert_axis not in token_axes:
-      token_axes = token_axes + (self.expert_axis,)
+    num_experts, axis = self.moe_config.num_experts, self.moe_config.expert_axis
+    ep = sizes[axis]
+    if num_experts % ep:
+      raise MoeConfigError(f"{num_experts} experts cannot be split over a mesh axis "
+                           f"{axis!r} of size {ep}")
+    token_axes = tuple(a for a in _TOKEN_AXES if sizes.get(a, 1) > 1) or (axis,)
+    if axis not in token_axes:
+      token_axes = token_axes + (axis,)
     shards = int(np.prod([sizes[a] for a in token_axes]))
     num_tokens = tokens.shape[0]
     tokens, expert_index, kept, weight = _pad_tokens(shards, tokens, expert_index, kept, weight)
     local_tokens = tokens.shape[0] // shards
     buffer_rows = min(capacity, local_tokens)
-    num_experts, axis = self.num_experts, self.expert_axis
+    matmul = partial(kernel_sets.expert_matmul, kernels=self.config.kernels)
 
     def per_device(x, e_idx, keep, w, p, key):
       # Row of each kept assignment in the local buffer: order among this device's kept ones.
@@ -403,8 +404,8 @@ class MoeFeedForward(nn.Module):
       if key is not None:
         key = jax.random.fold_in(key, _linear_axis_index(token_axes))
       h, rows = _dispatch(x, e_idx, slot, keep, num_experts, buffer_rows)
-      h = jax.lax.all_to_all(h, axis, 0, 1, tiled=True)
-      h = _swiglu_experts(p, h, _buffer_matmul, dropout_key=key, **ffn)
+      h = jax.lax.all_to_all(h, axis, 0, 1, tiled=True)  # [E / ep, ep * C_local, D]
+      h = _swiglu_experts(p, h, matmul, dropout_key=key, **ffn)
       h = jax.lax.all_to_all(h, axis, 1, 0, tiled=True)
       return _combine(h, rows, w)
 
@@ -424,7 +425,7 @@ class MoeFeedForward(nn.Module):
     (`ragged_dot` has no batched form over groups). Sharded training should use capacity
     dispatch or the expert-parallel dropless path, which keeps tokens per device."""
     groups, group_tokens, width = tokens.shape
-    top_k, num_tokens = self.top_k, groups * group_tokens
+    top_k, num_tokens = self.moe_config.top_k, groups * group_tokens
     # Choice-major assignment ids a = choice * T + token over the flattened groups.
     assign_expert = routing.expert_index.reshape(num_tokens, top_k).T.reshape(-1)
     order = jnp.argsort(assign_expert, stable=True)
@@ -442,16 +443,16 @@ class MoeFeedForward(nn.Module):
     device runs its own experts on every token of its shard routed there; a sum over the expert
     axis assembles the output. Ragged groups need no fixed-size exchange this way."""
     sizes = mesh_axis_sizes()
-    axis = self.expert_axis
+    num_experts, axis = self.moe_config.num_experts, self.moe_config.expert_axis
     ep = sizes[axis]
-    if self.num_experts % ep:
-      raise MoeConfigError(f"{self.num_experts} experts cannot be split over a mesh axis "
+    if num_experts % ep:
+      raise MoeConfigError(f"{num_experts} experts cannot be split over a mesh axis "
                            f"{axis!r} of size {ep}")
     token_axes = tuple(a for a in _TOKEN_AXES if a != axis and sizes.get(a, 1) > 1)
     shards = int(np.prod([sizes[a] for a in token_axes]))
     num_tokens = tokens.shape[0]
     tokens, expert_index, weight = _pad_tokens(shards, tokens, expert_index, weight)
-    local_experts, top_k = self.num_experts // ep, self.top_k
+    local_experts, top_k = num_experts // ep, self.moe_config.top_k
 
     def per_device(x, e_idx, w, p, key):
       num_local = x.shape[0]
