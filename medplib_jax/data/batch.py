@@ -9,7 +9,7 @@ Per sample (a batch adds a leading `B`):
 | input_ids        | [L] int32                | token ids; image/region slots hold `pad_id`               |
 | attention_mask   | [L] bool                 | True for real tokens (right padding)                      |
 | labels           | [L] int32                | next-token targets aligned with input_ids, -100 = ignore  |
-| image_start      | [] int32                 | first of `num_image_tokens` consecutive image slots, -1 = no image |
+| image_start      | [] int32                 | first of G*G consecutive image slots, -1 = no image       |
 | clip_image       | [Sc, Sc, 3] float32      | CLIP-normalised canvas (SPEC.md)                          |
 | region_positions | [R] int32                | sequence slot of each region token, -1 = none             |
 | region_masks     | [R, G, G] bool           | region on the CLIP patch grid (G = Sc / patch)            |
@@ -29,14 +29,19 @@ import numpy as np
 IGNORE_INDEX = -100
 
 
-def num_image_tokens(vision_cfg) -> int:
-  return (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+def patch_grid(vision_cfg) -> int:
+  """G, the side of the CLIP patch grid: a region mask is [G, G] and an image takes G*G slots.
+
+  The data package cannot import the vision tower (models/clip.py `num_image_tokens`), so it
+  reads the geometry from the config; the model checks that its features fill exactly G*G slots.
+  """
+  return vision_cfg.image_size // vision_cfg.patch_size
 
 
 def batch_spec(model_cfg, max_length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shapes and dtypes of one sample's arrays (see the module docstring)."""
   sc = model_cfg.vision.image_size
-  g = sc // model_cfg.vision.patch_size
+  g = patch_grid(model_cfg.vision)
   ss = model_cfg.sam.image_size
   r = model_cfg.region.max_regions
   m = model_cfg.grounding.max_masks

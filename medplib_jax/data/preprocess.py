@@ -1,7 +1,7 @@
 """Record -> one fixed-shape sample of the batch contract (medplib_jax/data/batch.py), on the host.
 
 `build_sample` decodes the image and masks, tokenises the conversation with its template, expands
-the image placeholder into `num_image_tokens` consecutive slots and the region placeholder into one
+the image placeholder into G*G consecutive slots and the region placeholder into one
 slot (both holding `pad_id`, labels -100), places the CLIP and SAM canvases (canvas.py), puts each
 region mask on the CLIP patch grid and each ground-truth mask on the SAM canvas, and pads all
 arrays to their fixed shapes with -1 / False for unused slots.
@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from medplib_jax.data import canvas
 from medplib_jax.data.prompts import region_grid
-from medplib_jax.data.batch import IGNORE_INDEX, batch_spec, num_image_tokens
+from medplib_jax.data.batch import IGNORE_INDEX, batch_spec, patch_grid
 from medplib_jax.data.mecovqa import (DEFAULT_MAX_PIXELS, BadRecord, DecodedExample, RawExample,
                                       decode_raw, load_raw)
 from medplib_jax.data.template import ConversationError, tokenize_conversation
@@ -120,7 +120,8 @@ def build_sample(record, tokenizer, model_cfg, max_length: int, image_root: str 
     tok = tokenize_conversation(raw.conversations, tokenizer, options.template)
   except ConversationError as e:
     raise BadRecord("malformed", "conversations", str(e)) from e
-  n_image = num_image_tokens(model_cfg.vision)
+  # One slot per CLIP patch feature (models/clip.py num_image_tokens); the model checks the count.
+  n_image = patch_grid(model_cfg.vision) ** 2
   ids, labels, image_start, region_pos = _expand(tok.input_ids, tok.labels, n_image,
                                                  tokenizer.pad_id)
   if (image_start >= 0) != (ex.image is not None):

@@ -28,12 +28,12 @@ from PIL import Image
 
 from medplib_jax.checkpoint import model_dir as model_dir_lib
 from medplib_jax.data import canvas, prompts
-from medplib_jax.data.batch import num_image_tokens
 from medplib_jax.data.mecovqa import DEFAULT_MAX_PIXELS, BadRecord, decode_image
 from medplib_jax.data.template import generation_prompt, tokenizer_image_token
 from medplib_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, load_tokenizer
 from medplib_jax.infer.generate import generate
 from medplib_jax.infer.masks import REFERENCE_THRESHOLD, masks_from_logits, postprocess_logits
+from medplib_jax.models.clip import num_image_tokens
 from medplib_jax.models.llama import LlamaForCausalLM, inference_layout
 from medplib_jax.models.medplib import MedPLIB as MedPLIBModule
 

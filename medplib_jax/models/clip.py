@@ -29,6 +29,15 @@ def num_computed_layers(depth: int, select_layer: int) -> int:
   return index
 
 
+def num_image_tokens(config) -> int:
+  """Patch features the tower returns per image (CLS dropped): (image_size / patch_size) ** 2.
+
+  The data package cannot import models: the sample builder makes as many image slots from the
+  same geometry (data/batch.py `patch_grid`), and models/medplib.py checks the two agree.
+  """
+  return (config.image_size // config.patch_size) ** 2
+
+
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
@@ -113,25 +122,25 @@ class ClipVisionTower(nn.Module):
   @nn.compact
   def __call__(self, images):
     c = self.config
-    b, s = images.shape[0], images.shape[1]
+    b = images.shape[0]
     if images.shape[1:] != (c.image_size, c.image_size, 3):
       raise ValueError(f"vision tower expects images [B, {c.image_size}, {c.image_size}, 3], "
                        f"got {images.shape}")
-    grid = s // c.patch_size
+    n = num_image_tokens(c)
     patches = nn.Conv(
         c.width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
         padding="VALID", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  (None, None, None, "embed")),
         name="patch_embedding")(images.astype(self.dtype))
-    patches = patches.reshape(b, grid * grid, c.width)
+    patches = patches.reshape(b, n, c.width)
     class_embedding = self.param(
         "class_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)),
         (c.width,), self.param_dtype)
     position_embedding = self.param(
         "position_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-        (grid * grid + 1, c.width), self.param_dtype)
+        (n + 1, c.width), self.param_dtype)
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (b, 1, c.width))
     x = jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(self.dtype)
     x = nn.with_logical_constraint(x, _ACT)

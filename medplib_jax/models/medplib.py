@@ -2,8 +2,9 @@
 
 One forward pass of a fixed-shape batch (medplib_jax/data/batch.py) gives everything the losses
 need: next-token logits, the `<SEG>` mask logits and IoU predictions, and MoE router statistics.
-The multimodal sequence is assembled with static shapes: image features go into the
-`num_image_tokens` slots starting at `image_start`, region tokens into `region_positions`.
+The multimodal sequence is assembled with static shapes: the tower's `num_image_tokens` patch
+features (models/clip.py) go into the slots starting at `image_start`, region tokens into
+`region_positions`.
 """
 
 from typing import Any
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medplib_jax.data.batch import batch_spec, num_image_tokens
-from medplib_jax.models.clip import ClipVisionTower
+from medplib_jax.data.batch import batch_spec, patch_grid
+from medplib_jax.models.clip import ClipVisionTower, num_image_tokens
 from medplib_jax.models.grounding import GroundingProjector
 from medplib_jax.models.llama import LlamaForCausalLM
 from medplib_jax.models.projector import Projector
@@ -83,9 +84,14 @@ class MedPLIB(nn.Module):
 
   def multimodal_embeddings(self, batch, features, deterministic=True):
     """Token embeddings with image features and region tokens spliced in: [B, L, D]."""
+    # The samples hold patch_grid**2 image slots (data cannot import the tower's count); checked
+    # here, at trace time, so a tower with another count cannot shift every later token.
+    grid = patch_grid(self.config.vision)
+    if features.shape[1] != grid * grid or num_image_tokens(self.config.vision) != grid * grid:
+      raise ValueError(f"the vision tower gives {features.shape[1]} features per image but the "
+                       f"samples hold {grid * grid} image slots (a {grid}x{grid} patch grid)")
     embeds = self.llm.embed(batch["input_ids"])
     embeds = splice_image(embeds, self.projector(features), batch["image_start"])
-    grid = self.config.vision.image_size // self.config.vision.patch_size
     adapted = self.region_adapter(features).reshape(features.shape[0], grid, grid, -1)
     key = jax.random.key(0) if deterministic else self.make_rng("region")
     tokens, valid = region_tokens(adapted, batch["region_masks"], key, self.config.region.max_points)
@@ -139,7 +145,3 @@ def abstract_variables(model: "MedPLIB", max_length: int):
   rngs = {"params": jax.random.key(0), **{s: jax.random.key(0) for s in RNG_STREAMS}}
   batch = dummy_batch(model.config, max_length)
   return jax.eval_shape(lambda: model.init(rngs, batch, deterministic=True))
-
-
-def image_token_count(model_cfg) -> int:
-  return num_image_tokens(model_cfg.vision)
