@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from medplib_jax import cli
+from medplib_jax.data import preprocess
+from medplib_jax.data.batch import batch_spec
 from medplib_jax.infer import api
 from tiny_checkpoint import make_tiny_checkpoint, write_image
 
@@ -80,6 +82,49 @@ def test_region_prompt_builds_the_region_slot(model, image_path):
   assert sample.ids[sample.region_positions[0] - 1] == model.tokenizer.region_start_id
   assert sample.image_start >= 0
   assert len(sample.ids) >= sample.image_start + model.num_image_tokens
+
+
+def test_round_two_prompt_is_the_training_layout_up_to_its_answer(model, image_path):
+  """prepare(question 2, history=[round 1]) == the training sample of both rounds, cut after
+  round 2's "ASSISTANT:": same text, token ids, image slots, region slot and grid."""
+  image = api.load_image(image_path)
+  region = api.region_from_prompt(image.shape[:2], box=(10, 5, 40, 30))
+  rounds = [("What is inside the box <region></region>?", "The spleen."),
+            ("Where is the liver located?", "In the upper left of the image.")]
+  conversations = [{"from": "human", "value": "<image>\n" + rounds[0][0]},
+                   {"from": "gpt", "value": rounds[0][1]},
+                   {"from": "human", "value": rounds[1][0]}, {"from": "gpt", "value": rounds[1][1]}]
+  trained = preprocess.conversation_sample(image, conversations, [region], model.tokenizer,
+                                           model.model_cfg, model.template)
+  prompt = model.prepare(image, rounds[1][0], [region], history=rounds[:1])
+  assert trained.prompt == prompt.prompt + " " + rounds[1][1] + "</s>"
+  assert trained.ids[:len(prompt.ids)] == prompt.ids
+  assert prompt.labels == [-100] * len(prompt.ids)
+  assert (prompt.image_start, prompt.region_positions) == (trained.image_start,
+                                                           trained.region_positions)
+  assert np.array_equal(prompt.region_grids, trained.region_grids) and prompt.region_grids[0].any()
+  for k in ("clip_image", "sam_image"):
+    assert np.array_equal(getattr(prompt, k), getattr(trained, k)), k
+  with pytest.raises(api.InputError, match="2 region"):
+    model.prepare(image, "And in <region></region>?", [region], history=rounds[:1])
+  with pytest.raises(api.InputError, match="pairs"):
+    model.prepare(image, "What?", history=["no answer"])
+
+
+def test_generation_batch_is_the_left_padded_contract(model, image_path):
+  image = api.load_image(image_path)
+  samples = [model.prepare(image, "What modality is this image?"),
+             model.prepare(image, "Where is the liver located in this scan?")]
+  batch = model._batch(samples, 3)
+  length = batch["input_ids"].shape[1]
+  assert length % api.PROMPT_BUCKET == 0
+  for k, (shape, dtype) in batch_spec(model.model_cfg, length).items():
+    assert batch[k].shape == (3,) + shape and batch[k].dtype == dtype, k
+  for row, s in enumerate(samples + samples[-1:]):
+    shift = length - len(s.ids)
+    assert batch["input_ids"][row, shift:].tolist() == s.ids
+    assert batch["attention_mask"][row].sum() == len(s.ids) and batch["attention_mask"][row, -1]
+    assert batch["image_start"][row] == s.image_start + shift
 
 
 @pytest.mark.parametrize("kwargs, match", [

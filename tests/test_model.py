@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medplib_jax.config_loading import load_config
+from medplib_jax.data.batch import collate
 from medplib_jax.models.medplib import gather_seg_states, splice_image, splice_regions
 from medplib_jax.checkpoint import model_dir, pretrained
 from medplib_jax.models import medplib
@@ -57,6 +58,42 @@ def test_tiny_forward_shapes_and_finiteness():
   assert np.isfinite(np.asarray(out["logits"])).all()
   assert np.isfinite(np.asarray(out["mask_logits"])).all()
   assert np.asarray(out["seg_valid"]).tolist() == [[True], [True]]
+
+
+def test_right_and_left_collated_batches_give_the_same_outputs():
+  """The same two samples padded right (training) and left (generation): every real token's
+  logits and each <SEG>'s mask are the same; a tower with another feature count is refused."""
+  cfg = load_config("configs/stage3_ground.py:tiny", ["--config.data.max_length=96"])
+  model = trainer.build_model(cfg)
+  n_img = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
+  g, sc, ss = (cfg.model.vision.image_size // cfg.model.vision.patch_size,
+               cfg.model.vision.image_size, cfg.model.sam.image_size)
+  rng = np.random.default_rng(0)
+  region = np.zeros((g, g), bool)
+  region[2:5, 3:7] = True
+  samples = []
+  for n, seg in ((n_img + 20, n_img + 15), (n_img + 9, n_img + 6)):
+    ids = rng.integers(3, 1000, n).astype(np.int32)
+    samples.append({"input_ids": ids, "labels": ids, "image_start": 2,
+                    "region_positions": [n_img + 4], "region_masks": [region],
+                    "seg_positions": [seg], "masks": [np.ones((ss, ss), bool)],
+                    "clip_image": rng.normal(size=(sc, sc, 3)).astype(np.float32),
+                    "sam_image": rng.normal(size=(ss, ss, 3)).astype(np.float32)})
+  right = collate(samples, cfg.model, 96, 0, padding="right")
+  left = collate(samples, cfg.model, 96, 0, padding="left")
+  rngs = {"params": jax.random.key(0), **{s: jax.random.key(1) for s in medplib.RNG_STREAMS}}
+  variables = jax.jit(model.init)(rngs, right)
+  apply = jax.jit(model.apply)
+  out_r, out_l = apply(variables, right), apply(variables, left)
+  for row, sample in enumerate(samples):
+    n = len(sample["input_ids"])
+    np.testing.assert_allclose(np.asarray(out_l["logits"][row, 96 - n:]),
+                               np.asarray(out_r["logits"][row, :n]), atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(out_l["mask_logits"]), np.asarray(out_r["mask_logits"]),
+                             atol=2e-4, rtol=1e-4)
+  features = jnp.zeros((2, n_img - 1, cfg.model.vision.width))
+  with pytest.raises(ValueError, match="image slots"):
+    model.apply(variables, right, features, method=medplib.MedPLIB.multimodal_embeddings)
 
 
 def test_stage1_inherits_pretrained_components_from_model_dirs(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
-from medplib_jax.data import pipeline, synth
-from medplib_jax.data.batch import batch_spec
-from medplib_jax.data.mecovqa import BudgetExceeded
+from medplib_jax.data import pipeline, preprocess, synth
+from medplib_jax.data.batch import batch_spec, collate
+from medplib_jax.data.mecovqa import BadRecord, BudgetExceeded
 from medplib_jax.data.template import template_texts
 from medplib_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -137,16 +137,39 @@ def test_bad_records_are_counted_and_budget_aborts(data, tmp_path):
       pass
 
 
-def test_eval_iterator_in_order_with_metas_and_padding(data):
-  _, paths, tok = data
+def test_collate_fills_the_contract_and_left_padding_moves_positions(data):
+  root, paths, tok = data
   c = _config(data, [paths["train"]])
-  recs = json.load(open(paths["test"]))
-  got = list(pipeline.make_eval_iterator(c, tok, paths["test"], batch_size=4))
-  metas = [m for _, ms in got for m in ms]
-  assert [m["id"] for m in metas if m["valid"]] == [str(r["id"]) for r in recs]
-  assert len(metas) % 4 == 0 and all(b["input_ids"].shape[0] == 4 for b, _ in got)
-  grounding = [m for m in metas if m["valid"] and m["task"] == "G"]
-  assert grounding and all(m["masks_orig"][0].dtype == bool for m in grounding)
+  samples = []
+  for r in json.load(open(paths["train"])):
+    try:
+      samples.append(preprocess.build_sample(r, tok, c.model, 128, str(root), train=False)[0])
+    except BadRecord:
+      continue
+  spec = batch_spec(c.model, 128)
+  right = collate(samples, c.model, 128, tok.pad_id)
+  assert all(_equal(dict(zip(right, (v[i] for v in right.values()))), s)
+             for i, s in enumerate(samples))  # a fixed sample collates to itself
+  left = collate(samples + [{}], c.model, 128, tok.pad_id, padding="left")
+  for k, (shape, dtype) in spec.items():
+    assert left[k].shape == (len(samples) + 1,) + shape and left[k].dtype == dtype, k
+  for i, s in enumerate(samples):
+    n = int(s["attention_mask"].sum())
+    shift = 128 - n
+    assert np.array_equal(left["input_ids"][i, shift:], s["input_ids"][:n])
+    assert np.array_equal(left["labels"][i, shift:], s["labels"][:n])
+    assert not left["attention_mask"][i, :shift].any() and left["attention_mask"][i, shift:].all()
+    for k in ("image_start", "region_positions", "seg_positions"):
+      assert np.array_equal(left[k][i], np.where(s[k] >= 0, s[k] + shift, -1)), k
+    for k in ("clip_image", "region_masks", "sam_image", "sam_resized_hw", "masks", "orig_hw"):
+      assert np.array_equal(left[k][i], s[k]), k
+  kinds = {int(s["region_positions"][0] >= 0) + 2 * int(s["seg_positions"][0] >= 0) for s in samples}
+  assert kinds >= {1, 2}  # region and grounding samples were both moved
+  assert not left["attention_mask"][-1].any() and left["image_start"][-1] == -1  # {}: empty
+  with pytest.raises(ValueError, match="not in the batch contract"):
+    collate([{"id": "x"}], c.model, 128, tok.pad_id)
+  with pytest.raises(ValueError, match="does not fit"):
+    collate([{"input_ids": np.zeros(129, np.int32)}], c.model, 128, tok.pad_id)
 
 
 def test_two_workers_give_valid_deterministic_batches(data):

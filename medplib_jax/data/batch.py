@@ -7,7 +7,7 @@ Per sample (a batch adds a leading `B`):
 | key              | shape / dtype            | meaning                                                   |
 |------------------|--------------------------|-----------------------------------------------------------|
 | input_ids        | [L] int32                | token ids; image/region slots hold `pad_id`               |
-| attention_mask   | [L] bool                 | True for real tokens (right padding)                      |
+| attention_mask   | [L] bool                 | True for real tokens                                      |
 | labels           | [L] int32                | next-token targets aligned with input_ids, -100 = ignore  |
 | image_start      | [] int32                 | first of G*G consecutive image slots, -1 = no image       |
 | clip_image       | [Sc, Sc, 3] float32      | CLIP-normalised canvas (SPEC.md)                          |
@@ -22,11 +22,21 @@ Per sample (a batch adds a leading `B`):
 `labels` follow the Hugging Face convention: `labels[t]` is the target for the logits at `t`
 after the one-position shift done in the loss (`logits[:, :-1]` vs `labels[:, 1:]`).
 Host-only metadata (`id`, `modality`, `task`) travels beside the batch, never to the device.
+
+`collate` is the one way samples become these arrays, for training (right padding), evaluation
+and inference (left padding, so every prompt ends where generation starts).
 """
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 IGNORE_INDEX = -100
+PADDING_SIDES = ("right", "left")
+# Keys holding sequence positions (-1 = none): they move with the tokens under left padding.
+POSITION_KEYS = ("image_start", "region_positions", "seg_positions")
+# Keys with one entry per region / mask: a sample may give fewer than the spec's R / M.
+LIST_KEYS = ("region_positions", "region_masks", "seg_positions", "masks")
 
 
 def patch_grid(vision_cfg) -> int:
@@ -61,12 +71,58 @@ def batch_spec(model_cfg, max_length: int) -> dict[str, tuple[tuple[int, ...], n
   }
 
 
-def empty_sample(model_cfg, max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """A sample with nothing in it (all slots invalid); used for padding a final partial batch."""
-  out = {k: np.zeros(s, d) for k, (s, d) in batch_spec(model_cfg, max_length).items()}
-  out["input_ids"][:] = pad_id
-  out["labels"][:] = IGNORE_INDEX
-  out["image_start"] = np.array(-1, np.int32)
-  out["region_positions"][:] = -1
-  out["seg_positions"][:] = -1
-  return out
+def _token_count(sample: Mapping) -> int:
+  """n: the sample's tokens are input_ids[:n] (a right-padded sample says so in its mask)."""
+  if "attention_mask" not in sample:
+    return len(sample.get("input_ids", ()))
+  mask = np.asarray(sample["attention_mask"], bool)
+  n = int(mask.sum())
+  if not mask[:n].all():
+    raise ValueError("a sample's attention_mask must be True on a prefix (its tokens) only")
+  return n
+
+
+def collate(samples: Sequence[Mapping], model_cfg, length: int, pad_id: int,
+            padding: str = "right") -> dict[str, np.ndarray]:
+  """Samples -> one batch: every key of `batch_spec(model_cfg, length)` with a leading B.
+
+  A sample is a mapping with any of the contract's keys; an absent key stays empty (no image, no
+  region, no mask, no label), so `{}` is an all-padding sample. Its tokens are `input_ids[:n]`,
+  n = the True prefix of `attention_mask` (all of `input_ids` without one), `labels` aligned
+  with them; `image_start` / `region_positions` / `seg_positions` index those tokens, and the
+  per-region / per-mask lists may be shorter than R / M. padding="right" puts the tokens at 0,
+  "left" ends them at `length`, and the positions move with them.
+  """
+  if padding not in PADDING_SIDES:
+    raise ValueError(f"padding must be one of {PADDING_SIDES}, got {padding!r}")
+  spec = batch_spec(model_cfg, length)
+  batch = {k: np.zeros((len(samples),) + shape, dtype) for k, (shape, dtype) in spec.items()}
+  batch["input_ids"][:] = pad_id
+  batch["labels"][:] = IGNORE_INDEX
+  for key in POSITION_KEYS:
+    batch[key][:] = -1
+  for row, sample in enumerate(samples):
+    unknown = set(sample) - set(spec)
+    if unknown:
+      raise ValueError(f"sample keys {sorted(unknown)} are not in the batch contract")
+    n = _token_count(sample)
+    if n > length:
+      raise ValueError(f"a sample of {n} tokens does not fit the batch length {length}")
+    offset = length - n if padding == "left" else 0
+    tokens = slice(offset, offset + n)
+    batch["input_ids"][row, tokens] = np.asarray(sample.get("input_ids", ()))[:n]
+    batch["attention_mask"][row, tokens] = True
+    if "labels" in sample:
+      batch["labels"][row, tokens] = np.asarray(sample["labels"])[:n]
+    for key in set(sample) - {"input_ids", "attention_mask", "labels"}:
+      value = np.asarray(sample[key])
+      if key in POSITION_KEYS:
+        value = np.where(value >= 0, value + offset, -1)
+      if key in LIST_KEYS:
+        if len(value) > spec[key][0][0]:
+          raise ValueError(f"{len(value)} {key} exceed the model's {spec[key][0][0]}")
+        if len(value):
+          batch[key][row, :len(value)] = value
+      else:
+        batch[key][row] = value
+  return batch

@@ -2,9 +2,11 @@
 
 Training (per dataset in `config.data.train`):
 
-    source (TFDS ArrayRecord or JSON) -> MapDataset -> shuffle(seed) -> [process_index::process_count]
-      -> repeat(epochs) -> map(build_sample)   (rng seeded by the record's global slot)
-    then mix(weights) -> to_iter_dataset -> skip bad records -> batch(host batch) -> mp_prefetch
+    source (TFDS ArrayRecord or JSON, sources.py) -> MapDataset -> shuffle(seed)
+      -> [process_index::process_count] -> repeat(epochs)
+      -> map(build_sample)   (rng seeded by the record's global slot)
+    then mix(weights) -> to_iter_dataset -> skip bad records -> batch(host batch, batch.collate)
+      -> mp_prefetch
 
 Indexing a shuffled dataset past its length reshuffles for the next epoch, so every epoch is a new
 permutation that the processes still split exactly. A bad record does not stop training: the
@@ -16,18 +18,13 @@ number of workers, and part of the saved iterator state). Exceeding the budget r
 checkpoint; restoring it yields exactly the batches that would have followed.
 """
 
-import dataclasses
-import json
-import os
-
 import grain
 import numpy as np
 
-from medplib_jax.data import tfds_builder
-from medplib_jax.data.batch import empty_sample
-from medplib_jax.data.mecovqa import (REASONS, BadRecord, BadRecordBudget, BudgetExceeded,
-                                      load_records)
+from medplib_jax.data.batch import collate
+from medplib_jax.data.mecovqa import REASONS, BadRecord, BadRecordBudget, BudgetExceeded
 from medplib_jax.data.preprocess import PreprocessOptions, build_sample
+from medplib_jax.data.sources import DatasetEntry, open_source, raw_example
 
 REASON_NAMES = tuple(REASONS)
 _BAD = "_bad_reason"
@@ -35,43 +32,6 @@ _SKIPPED = "_skipped"
 _TRUNCATED = "_truncated"
 _MISMATCH = "_mismatch"
 _COUNTERS = (_SKIPPED, _TRUNCATED, _MISMATCH)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetEntry:
-  """One dataset of a mixture: a TFDS directory (built by `medplib data build`) or a JSON file."""
-  path: str
-  split: str = "train"
-  weight: float = 1.0
-  template: str = ""  # "" = config.data.template
-  image_root: str = ""  # JSON only; "" = config.data.image_root
-
-  @classmethod
-  def parse(cls, entry) -> "DatasetEntry":
-    if isinstance(entry, str):
-      path, _, split = entry.partition(":") if not os.path.exists(entry) else (entry, "", "")
-      return cls(path=path, split=split or "train")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(entry).items() if k in fields})
-
-
-class JsonSource:
-  """Random access over a MeCoVQA JSON list; items are raw records (files read at preprocessing)."""
-
-  def __init__(self, path: str):
-    self._records = [json.dumps(r) for r in load_records(path)]  # compact, cheap to pickle
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, i):
-    return json.loads(self._records[i])
-
-
-def open_source(entry: DatasetEntry):
-  if entry.path.endswith(".json"):
-    return JsonSource(entry.path)
-  return tfds_builder.open_split(entry.path, entry.split)
 
 
 class Preprocessor:
@@ -82,19 +42,15 @@ class Preprocessor:
     self.image_root, self.train, self.options = image_root, train, options
 
   def __call__(self, item, rng: np.random.Generator):
-    record = item
-    if isinstance(item, dict) and "has_image" in item:  # a TFDS item
-      record = tfds_builder.example_from_tfds(item)
     try:
-      sample, meta = build_sample(record, self.tokenizer, self.model_cfg, self.max_length,
-                                  self.image_root, rng=rng, train=self.train, options=self.options)
+      sample, meta = build_sample(raw_example(item, self.image_root), self.tokenizer,
+                                  self.model_cfg, self.max_length, rng=rng, train=self.train,
+                                  options=self.options)
     except BadRecord as bad:
       rid = item.get("id", "?") if isinstance(item, dict) else "?"
       return {_BAD: np.int32(REASON_NAMES.index(bad.reason)), "id": str(rid)}
     sample[_TRUNCATED] = np.int32(meta["truncated"])
     sample[_MISMATCH] = np.int32(meta["mismatch"])
-    if not self.train:
-      sample["_meta"] = meta
     return sample
 
 
@@ -273,6 +229,19 @@ def _read_options(config, batch: int) -> grain.ReadOptions:
                            prefetch_buffer_size=int(config.data.prefetch or 2 * batch))
 
 
+class _Collate:
+  """grain batch_fn: the samples through `batch.collate` (right padding), the counters stacked."""
+
+  def __init__(self, model_cfg, max_length, pad_id):
+    self.model_cfg, self.max_length, self.pad_id = model_cfg, max_length, pad_id
+
+  def __call__(self, elements):
+    batch = collate([{k: v for k, v in e.items() if k not in _COUNTERS} for e in elements],
+                    self.model_cfg, self.max_length, self.pad_id)
+    batch.update({k: np.stack([e[k] for e in elements]) for k in _COUNTERS})
+    return batch
+
+
 def make_train_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1,
                         epochs: int | None = None) -> TrainIterator:
   """Batches of the training mixture `config.data.train` for this process.
@@ -291,43 +260,10 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [e.weight for e in entries])
   budget = int(config.data.bad_record_budget)
   ds = _SkipBad(ds.to_iter_dataset(_read_options(config, batch)), budget)
-  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.batch(batch, drop_remainder=True,
+                batch_fn=_Collate(config.model, config.data.max_length, tokenizer.pad_id))
   workers = int(config.data.num_workers)
   if workers > 0:
     _absl_flags_ready()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return TrainIterator(iter(ds), BadRecordBudget(budget))
-
-
-class _EvalBatcher:
-  """Stacks samples, pads a short final batch with empty samples; metas stay a Python list."""
-
-  def __init__(self, model_cfg, max_length, pad_id, batch_size):
-    self.model_cfg, self.max_length, self.pad_id = model_cfg, max_length, pad_id
-    self.batch_size = batch_size
-
-  def __call__(self, elements):
-    elements = [dict(e) for e in elements]
-    metas = [dict(e.pop("_meta"), valid=True, skipped=e.pop(_SKIPPED).tolist()) for e in elements]
-    for e in elements:
-      e.pop(_TRUNCATED), e.pop(_MISMATCH)
-    while len(elements) < self.batch_size:
-      elements.append(empty_sample(self.model_cfg, self.max_length, self.pad_id))
-      metas.append({"valid": False})
-    return {k: np.stack([e[k] for e in elements]) for k in elements[0]}, metas
-
-
-def make_eval_iterator(config, tokenizer, entry, batch_size: int = 1, process_index: int = 0,
-                       process_count: int = 1):
-  """(batch, metas) pairs over one evaluation dataset, in order, each record once (no shuffle).
-
-  Metas carry id, modality, task, answer_type, prompt, the reference answers and the original-size
-  ground-truth masks; padding samples have meta {"valid": False}. Bad records are skipped (their
-  counts are in the next meta's "skipped", by REASON_NAMES).
-  """
-  entry = DatasetEntry.parse(entry)
-  ds = _component(entry, config, tokenizer, process_index, process_count, 0, False, 1)
-  ds = _SkipBad(ds.to_iter_dataset(_read_options(config, batch_size)),
-                int(config.data.bad_record_budget))
-  return iter(ds.batch(batch_size, batch_fn=_EvalBatcher(config.model, config.data.max_length,
-                                                         tokenizer.pad_id, batch_size)))

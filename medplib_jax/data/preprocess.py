@@ -1,17 +1,20 @@
-"""Record -> one fixed-shape sample of the batch contract (medplib_jax/data/batch.py), on the host.
+"""Conversations -> samples of the batch contract (medplib_jax/data/batch.py), on the host.
 
-`build_sample` decodes the image and masks, tokenises the conversation with its template, expands
-the image placeholder into G*G consecutive slots and the region placeholder into one
-slot (both holding `pad_id`, labels -100), places the CLIP and SAM canvases (canvas.py), puts each
-region mask on the CLIP patch grid and each ground-truth mask on the SAM canvas, and pads all
-arrays to their fixed shapes with -1 / False for unused slots.
+`conversation_sample` is the one layout of a conversation, for training and for inference
+(`infer/api.py MedPLIB.prepare`): it tokenises the turns with their template (the whole
+conversation with its labels, or the prompt that answers the last question), expands the image
+placeholder into G*G consecutive slots (one per CLIP patch feature) and each region placeholder
+into one slot (both holding `pad_id`, labels -100), places the CLIP and SAM canvases
+(canvas.py) and puts each region mask on the CLIP patch grid. `build_sample` turns a training
+or evaluation record into one fixed-shape sample: that layout plus the `<SEG>` positions and
+their masks on the SAM canvas, the region augmentation, and padding by `batch.collate`.
 
 Region masks on the patch grid follow the reference: the mask is resized onto the CLIP canvas
 (bilinear, >= 1 kept), then sampled every `patch` pixels (cv2 INTER_NEAREST at 1/14 picks rows/cols
-0, 14, 28, ...), exactly as `prompts.region_grid` does at inference. In
-training a random sub-region of the largest connected component is used as the prompt (SPEC.md);
-the reference grows it by a randomised 8-connected depth-first walk from a random cell up to a
-random 20-100 % of the component's area, leaving components under 10 cells whole.
+0, 14, 28, ...) (`prompts.region_grid`). In training a random sub-region of the largest connected
+component is used as the prompt (SPEC.md); the reference grows it by a randomised 8-connected
+depth-first walk from a random cell up to a random 20-100 % of the component's area, leaving
+components under 10 cells whole.
 """
 
 import dataclasses
@@ -21,10 +24,11 @@ from scipy import ndimage
 
 from medplib_jax.data import canvas
 from medplib_jax.data.prompts import region_grid
-from medplib_jax.data.batch import IGNORE_INDEX, batch_spec, patch_grid
+from medplib_jax.data.batch import IGNORE_INDEX, collate, patch_grid
 from medplib_jax.data.mecovqa import (DEFAULT_MAX_PIXELS, BadRecord, DecodedExample, RawExample,
                                       decode_raw, load_raw)
-from medplib_jax.data.template import ConversationError, tokenize_conversation
+from medplib_jax.data.template import (ConversationError, generation_prompt, tokenize_conversation,
+                                       tokenizer_image_token)
 from medplib_jax.data.tokenizer import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
 
 SUB_REGION_MIN_FRACTION = 0.2
@@ -37,12 +41,6 @@ class PreprocessOptions:
   template: str = "llava_v1"
   overflow: str = "skip"  # "skip": too_long is a bad record; "truncate": cut, and count it
   max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-def region_on_grid(mask: np.ndarray, clip_size: int, patch: int) -> np.ndarray:
-  """bool [H, W] -> bool [G, G] on the CLIP patch grid (G = clip_size / patch); the same mapping
-  as inference (`prompts.region_grid`: bilinear resize as the reference, centred pad, nearest)."""
-  return region_grid(mask, clip_size, clip_size // patch)
 
 
 def sub_region(grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -98,6 +96,85 @@ def _expand(ids: list[int], labels: list[int], n_image: int, pad_id: int):
   return out_ids, out_labels, image_start, regions
 
 
+@dataclasses.dataclass
+class ConversationSample:
+  """One conversation laid out for the model, before padding (`batch.collate` pads it).
+
+  ids [n]: token ids, `pad_id` in the `image_slots` image slots from `image_start` (-1: no
+  image) and in one slot per region at `region_positions`; labels [n] aligned with ids (all
+  IGNORE_INDEX for a generation prompt); region_grids: bool [len(region_positions), G, G];
+  clip_image [Sc, Sc, 3] and sam_image [Ss, Ss, 3] float32 canvases, sam_resized_hw and orig_hw
+  (all None without an image); prompt: the template's text; mismatch: the template's
+  tokenization mismatch (every label masked).
+  """
+  ids: list[int]
+  labels: list[int]
+  image_start: int
+  image_slots: int
+  region_positions: list[int]
+  region_grids: np.ndarray
+  clip_image: np.ndarray | None
+  sam_image: np.ndarray | None
+  sam_resized_hw: tuple[int, int] | None
+  orig_hw: tuple[int, int] | None
+  prompt: str
+  mismatch: bool
+
+  def arrays(self) -> dict:
+    """The batch-contract keys this sample fills, as `batch.collate` takes them."""
+    out = {"input_ids": self.ids, "labels": self.labels, "image_start": self.image_start,
+           "region_positions": self.region_positions, "region_masks": self.region_grids}
+    if self.clip_image is not None:
+      out.update(clip_image=self.clip_image, sam_image=self.sam_image,
+                 sam_resized_hw=self.sam_resized_hw, orig_hw=self.orig_hw)
+    return out
+
+
+def conversation_sample(image, conversations: list[dict], region_masks, tokenizer, model_cfg,
+                        template="llava_v1", generation: bool = False) -> ConversationSample:
+  """(image, turns, region masks) -> the conversation laid out for the model.
+
+  image: uint8 [H, W, 3] or None; conversations: [{"from": "human"|"gpt", "value": str}], the
+  first human turn holding `<image>` when there is an image and `<region></region>` wherever a
+  region is referred to; region_masks: bool [H, W] per `<region></region>`, in order.
+  generation=False: the whole conversation with the template's labels (training);
+  generation=True: the prompt that answers the last human turn (earlier rounds in full, as
+  training lays them out), no labels. Raises BadRecord when the text and the image or regions
+  disagree.
+  """
+  if generation:
+    prompt = generation_prompt(conversations, template)
+    ids = tokenizer_image_token(prompt, tokenizer)
+    labels, mismatch = [IGNORE_INDEX] * len(ids), False
+  else:
+    try:
+      tok = tokenize_conversation(conversations, tokenizer, template)
+    except ConversationError as e:
+      raise BadRecord("malformed", "conversations", str(e)) from e
+    prompt, ids, labels, mismatch = tok.prompt, tok.input_ids, tok.labels, tok.mismatch
+  grid = patch_grid(model_cfg.vision)
+  # One slot per CLIP patch feature (models/clip.py num_image_tokens); the model checks the count.
+  ids, labels, image_start, region_pos = _expand(ids, labels, grid * grid, tokenizer.pad_id)
+  if (image_start >= 0) != (image is not None):
+    raise BadRecord("malformed", "image", "an image needs exactly one <image> in the conversation"
+                    if image is not None else "<image> in the conversation but no image file")
+  if len(region_pos) != len(region_masks):
+    raise BadRecord("region_without_file", "conversations",
+                    f"{len(region_pos)} <region></region> slots but {len(region_masks)} region files")
+  sc = model_cfg.vision.image_size
+  grids = np.zeros((len(region_masks), grid, grid), bool)
+  for i, mask in enumerate(region_masks):
+    grids[i] = region_grid(mask, sc, grid)
+  clip_image = sam_image = sam_resized_hw = orig_hw = None
+  if image is not None:
+    clip_image, _ = canvas.clip_canvas(image, sc)
+    sam_image, geo = canvas.sam_canvas(image, model_cfg.sam.image_size)
+    sam_resized_hw, orig_hw = geo.resized_hw, tuple(image.shape[:2])
+  return ConversationSample(ids, labels, image_start, grid * grid if image_start >= 0 else 0,
+                            region_pos, grids, clip_image, sam_image, sam_resized_hw, orig_hw,
+                            prompt, mismatch)
+
+
 def _decoded(record, image_root, max_pixels) -> DecodedExample:
   if isinstance(record, DecodedExample):
     return record
@@ -116,71 +193,44 @@ def build_sample(record, tokenizer, model_cfg, max_length: int, image_root: str 
   """
   ex = _decoded(record, image_root, options.max_pixels)
   raw = ex.raw
-  try:
-    tok = tokenize_conversation(raw.conversations, tokenizer, options.template)
-  except ConversationError as e:
-    raise BadRecord("malformed", "conversations", str(e)) from e
-  # One slot per CLIP patch feature (models/clip.py num_image_tokens); the model checks the count.
-  n_image = patch_grid(model_cfg.vision) ** 2
-  ids, labels, image_start, region_pos = _expand(tok.input_ids, tok.labels, n_image,
-                                                 tokenizer.pad_id)
-  if (image_start >= 0) != (ex.image is not None):
-    raise BadRecord("malformed", "image", "an image needs exactly one <image> in the conversation"
-                    if ex.image is not None else "<image> in the conversation but no image file")
-  if len(region_pos) != len(ex.regions):
-    raise BadRecord("region_without_file", "conversations",
-                    f"{len(region_pos)} <region></region> slots but {len(ex.regions)} region files")
+  sample = conversation_sample(ex.image, raw.conversations, ex.regions, tokenizer, model_cfg,
+                               options.template)
+  ids = sample.ids
   seg_pos = [i for i, t in enumerate(ids) if t == tokenizer.seg_id]
   if len(seg_pos) != len(ex.masks):
     raise BadRecord("seg_without_mask", "conversations",
                     f"{len(seg_pos)} <SEG> tokens but {len(ex.masks)} masks")
   max_regions, max_masks = model_cfg.region.max_regions, model_cfg.grounding.max_masks
-  if len(region_pos) > max_regions or len(seg_pos) > max_masks:
+  if len(sample.region_positions) > max_regions or len(seg_pos) > max_masks:
     raise BadRecord("malformed", "conversations",
-                    f"{len(region_pos)} regions / {len(seg_pos)} masks exceed the model's "
-                    f"{max_regions} / {max_masks}")
-  truncated = len(ids) > max_length
-  if truncated:
-    if options.overflow != "truncate" or image_start + n_image > max_length:
-      raise BadRecord("too_long", "conversations",
-                      f"{len(ids)} tokens (with {n_image if image_start >= 0 else 0} image slots) "
-                      f"> max_length {max_length}")
-    ids, labels = ids[:max_length], labels[:max_length]
-
-  spec = batch_spec(model_cfg, max_length)
-  s = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+                    f"{len(sample.region_positions)} regions / {len(seg_pos)} masks exceed the "
+                    f"model's {max_regions} / {max_masks}")
   n = len(ids)
-  s["input_ids"][:] = tokenizer.pad_id
-  s["input_ids"][:n] = ids
-  s["attention_mask"][:n] = True
-  s["labels"][:] = IGNORE_INDEX
-  s["labels"][:n] = labels
-  s["image_start"] = np.array(image_start, np.int32)
-  s["region_positions"][:] = -1
-  s["seg_positions"][:] = -1
+  truncated = n > max_length
+  if truncated:
+    if options.overflow != "truncate" or sample.image_start + sample.image_slots > max_length:
+      raise BadRecord("too_long", "conversations",
+                      f"{n} tokens (with {sample.image_slots} image slots) "
+                      f"> max_length {max_length}")
+    n = max_length
 
-  sc, patch, ss = model_cfg.vision.image_size, model_cfg.vision.patch_size, model_cfg.sam.image_size
+  # Truncation drops the regions and <SEG>s past the end (the last ones: positions increase).
+  regions = [p for p in sample.region_positions if p < n]
+  grids = sample.region_grids[:len(regions)].copy()
+  if train:
+    rng = rng if rng is not None else np.random.default_rng()
+    for i in range(len(grids)):
+      grids[i] = sub_region(grids[i], rng)
+  segs = [p for p in seg_pos if p < n]
+  masks = [canvas.mask_canvas(m, model_cfg.sam.image_size) for m in ex.masks[:len(segs)]]
+  arrays = dict(sample.arrays(), input_ids=ids[:n], labels=sample.labels[:n],
+                region_positions=regions, region_masks=grids, seg_positions=segs, masks=masks)
+  batch = collate([arrays], model_cfg, max_length, tokenizer.pad_id)
+  s = {k: v.reshape(v.shape[1:]) for k, v in batch.items()}
+
   meta = {"id": raw.id, "modality": raw.modality, "task": raw.task,
-          "answer_type": raw.answer_type, "prompt": tok.prompt, "mismatch": tok.mismatch,
+          "answer_type": raw.answer_type, "prompt": sample.prompt, "mismatch": sample.mismatch,
           "truncated": truncated, "length": n}
-  if ex.image is not None:
-    s["clip_image"], _ = canvas.clip_canvas(ex.image, sc)
-    s["sam_image"], geo = canvas.sam_canvas(ex.image, ss)
-    s["sam_resized_hw"][:] = geo.resized_hw
-    s["orig_hw"][:] = ex.image.shape[:2]
-  for i, (pos, region) in enumerate(zip(region_pos, ex.regions)):
-    if pos >= max_length:
-      continue
-    grid = region_on_grid(region, sc, patch)
-    if train:
-      grid = sub_region(grid, rng if rng is not None else np.random.default_rng())
-    s["region_positions"][i] = pos
-    s["region_masks"][i] = grid
-  for i, (pos, mask) in enumerate(zip(seg_pos, ex.masks)):
-    if pos >= max_length:
-      continue
-    s["seg_positions"][i] = pos
-    s["masks"][i] = canvas.mask_canvas(mask, ss)
   if not train:
     meta["masks_orig"] = list(ex.masks)  # evaluation compares at the original size
     meta["answers"] = [t["value"] for t in raw.conversations if t["from"] == "gpt"]

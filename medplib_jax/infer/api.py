@@ -6,8 +6,10 @@
     out.text, out.masks        # str, [bool [H, W]] at the original image size
 
 One call runs, for a batch of prompts padded to a shared bucket length (left padding):
-  host:   image -> CLIP and SAM canvases; question -> template prompt -> token ids with the image
-          slots and the region slot; region prompt (point / box / polygon / mask) -> patch grid
+  host:   region prompt (point / box / polygon / mask) -> region mask; image, earlier rounds,
+          question and region masks -> the sample as training lays it out (canvases, template
+          prompt, token ids with the image and region slots, patch grids:
+          data/preprocess.py `conversation_sample`) -> batch contract (data/batch.py `collate`)
   device: CLIP features + spliced embeddings (jit) -> KV-cache generation (infer/generate.py)
           -> SAM-Med2D decode of the state that predicted each `<SEG>` (jit)
   host:   low-res logits -> original size (infer/masks.py) -> threshold.
@@ -28,9 +30,11 @@ from PIL import Image
 
 from medplib_jax.checkpoint import model_dir as model_dir_lib
 from medplib_jax.data import canvas, prompts
+from medplib_jax.data.batch import collate
 from medplib_jax.data.mecovqa import DEFAULT_MAX_PIXELS, BadRecord, decode_image
-from medplib_jax.data.template import generation_prompt, tokenizer_image_token
-from medplib_jax.data.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, load_tokenizer
+from medplib_jax.data.preprocess import ConversationSample, conversation_sample
+from medplib_jax.data.template import GPT, HUMAN
+from medplib_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from medplib_jax.infer.generate import generate
 from medplib_jax.infer.masks import REFERENCE_THRESHOLD, masks_from_logits, postprocess_logits
 from medplib_jax.models.clip import num_image_tokens
@@ -41,6 +45,9 @@ MODES = ("correct", "reference")
 CORRECT_THRESHOLD = 0.5
 REGION_TAGS = "<region></region>"
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this: few compiled shapes
+# What the embedding step reads of the batch contract (the rest stays on the host).
+EMBED_KEYS = ("input_ids", "attention_mask", "image_start", "region_positions", "region_masks",
+              "clip_image")
 
 
 class InputError(ValueError):
@@ -58,19 +65,6 @@ class Prediction:
   forced: bool
   raw_text: str
   tokens: list
-
-
-@dataclasses.dataclass
-class PreparedSample:
-  """Host-side inputs of one prompt (ids hold `pad_id` in the image and region slots)."""
-  ids: list
-  image_start: int
-  region_positions: list
-  region_grids: np.ndarray  # bool [R, G, G]
-  clip_image: np.ndarray
-  sam_image: np.ndarray
-  orig_hw: tuple
-  prompt: str
 
 
 def _find_model_dir(path: str) -> str:
@@ -143,7 +137,6 @@ class MedPLIB:
     self.template = template or config.data.template
     cfg = self.model_cfg
     self.num_image_tokens = num_image_tokens(cfg.vision)
-    self.grid = cfg.vision.image_size // cfg.vision.patch_size
     self.max_regions = cfg.region.max_regions
     self.max_masks = max(1, cfg.grounding.max_masks)
     self.max_length = cfg.llm.max_length
@@ -186,76 +179,64 @@ class MedPLIB:
   # --- host-side preparation -----------------------------------------------------------------------
 
   def prepare(self, image: np.ndarray, question: str, region_masks=(), template: str | None = None,
-              max_new_tokens: int = 0) -> PreparedSample:
-    """uint8 RGB image, question text (with `<region></region>` where a region is referred to,
-    appended when a region is given and the question has none), region masks bool [H, W]."""
+              max_new_tokens: int = 0, history=()) -> ConversationSample:
+    """The generation prompt for `question` about a uint8 RGB image [H, W, 3], laid out as
+    training lays out a conversation (data/preprocess.py `conversation_sample`).
+
+    region_masks: bool [H, W] per `<region></region>` of the conversation, in order (the tags
+    are appended to the question when regions are given and no turn has one). history: earlier
+    rounds as (question, answer) pairs; the image goes with the first question.
+    """
     if not isinstance(question, str) or not question.strip():
       raise InputError("the question is empty")
+    history = [tuple(turn) for turn in history or ()]
+    if any(len(turn) != 2 for turn in history):
+      raise InputError("history must be a list of (question, answer) pairs")
+    asked = [str(q) for q, _ in history] + [question]
     region_masks = [np.asarray(m, bool) for m in region_masks]
-    if region_masks and REGION_TAGS not in question:
-      question = question.rstrip() + " " + REGION_TAGS
-    n_tags = question.count(REGION_TAGS)
+    if region_masks and not any(REGION_TAGS in q for q in asked):
+      asked[-1] = question.rstrip() + " " + REGION_TAGS
+    n_tags = sum(q.count(REGION_TAGS) for q in asked)
     if n_tags != len(region_masks):
       raise InputError(f"the question refers to {n_tags} region(s) ({REGION_TAGS}) but "
                        f"{len(region_masks)} region prompt(s) were given")
     if n_tags > self.max_regions:
       raise InputError(f"{n_tags} regions given; the model takes at most {self.max_regions}")
-    question = question.replace(IMAGE_TOKEN, "").strip()
-    convs = [{"from": "human", "value": IMAGE_TOKEN + "\n" + question}]
-    prompt = generation_prompt(convs, template or self.template)
-    ids, image_start, regions = [], -1, []
-    for t in tokenizer_image_token(prompt, self.tokenizer):
-      if t == IMAGE_TOKEN_INDEX:
-        image_start = len(ids)
-        ids += [self.tokenizer.pad_id] * self.num_image_tokens
-      elif t == REGION_TOKEN_INDEX:
-        regions.append(len(ids))
-        ids.append(self.tokenizer.pad_id)
-      else:
-        ids.append(t)
-    budget = self.max_length - max_new_tokens
-    if len(ids) > budget:
-      raise InputError(f"the question is too long: {len(ids)} prompt tokens (with "
-                       f"{self.num_image_tokens} image tokens) + {max_new_tokens} new tokens exceed "
-                       f"the model's {self.max_length}")
-    grids = np.zeros((self.max_regions, self.grid, self.grid), bool)
-    for i, m in enumerate(region_masks):
+    for m in region_masks:
       if m.shape != image.shape[:2]:
         raise InputError(f"region mask is {m.shape[1]}x{m.shape[0]} but the image is "
                          f"{image.shape[1]}x{image.shape[0]} (WxH)")
-      grids[i] = prompts.region_grid(m, self.model_cfg.vision.image_size, self.grid)
-    clip_image, _ = canvas.clip_canvas(image, self.model_cfg.vision.image_size)
-    sam_image, _ = canvas.sam_canvas(image, self.model_cfg.sam.image_size)
-    return PreparedSample(ids, image_start, regions, grids, clip_image, sam_image,
-                          tuple(image.shape[:2]), prompt)
+    conversations = []
+    for i, q in enumerate(asked):
+      q = q.replace(IMAGE_TOKEN, "").strip()
+      conversations.append({"from": HUMAN, "value": IMAGE_TOKEN + "\n" + q if i == 0 else q})
+      if i < len(history):
+        conversations.append({"from": GPT, "value": str(history[i][1])})
+    try:
+      sample = conversation_sample(image, conversations, region_masks, self.tokenizer,
+                                   self.model_cfg, template or self.template, generation=True)
+    except BadRecord as e:
+      raise InputError(e.detail) from e
+    budget = self.max_length - max_new_tokens
+    if len(sample.ids) > budget:
+      raise InputError(f"the question is too long: {len(sample.ids)} prompt tokens (with "
+                       f"{self.num_image_tokens} image tokens) + {max_new_tokens} new tokens exceed "
+                       f"the model's {self.max_length}")
+    return sample
 
   # --- device run ----------------------------------------------------------------------------------
 
-  def _batch(self, samples: list[PreparedSample], batch_size: int) -> tuple[dict, np.ndarray]:
-    """Left-padded fixed-shape arrays for `multimodal_embeddings`; rows past the samples repeat
-    the last one (their outputs are dropped)."""
+  def _batch(self, samples: list[ConversationSample], batch_size: int) -> dict:
+    """The batch contract, left-padded (every prompt ends where generation starts) to a bucket
+    length; rows past the samples repeat the last one (their outputs are dropped)."""
     longest = max(len(s.ids) for s in samples)
     length = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     length = min(length, self.max_length) if longest <= self.max_length else longest
     rows = samples + [samples[-1]] * (batch_size - len(samples))
-    b, r = len(rows), self.max_regions
-    out = {"input_ids": np.full((b, length), self.tokenizer.pad_id, np.int32),
-           "attention_mask": np.zeros((b, length), bool),
-           "image_start": np.full((b,), -1, np.int32),
-           "region_positions": np.full((b, r), -1, np.int32),
-           "region_masks": np.stack([s.region_grids for s in rows]),
-           "clip_image": np.stack([s.clip_image for s in rows])}
-    for i, s in enumerate(rows):
-      offset = length - len(s.ids)
-      out["input_ids"][i, offset:] = s.ids
-      out["attention_mask"][i, offset:] = True
-      if s.image_start >= 0:
-        out["image_start"][i] = offset + s.image_start
-      for j, pos in enumerate(s.region_positions):
-        out["region_positions"][i, j] = offset + pos
-    return out, np.stack([s.sam_image for s in rows])
+    return collate([s.arrays() for s in rows], self.model_cfg, length, self.tokenizer.pad_id,
+                   padding="left")
 
-  def run(self, samples: list[PreparedSample], *, max_new_tokens: int = 64, temperature: float = 0.0,
+  def run(self, samples: list[ConversationSample], *, max_new_tokens: int = 64, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, mode: str | None = None, force_mask: bool | None = None,
           batch_size: int | None = None) -> list[Prediction]:
     """Generates for prepared samples (one device batch of `batch_size`, default len(samples)).
@@ -269,8 +250,8 @@ class MedPLIB:
       raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     force_mask = (mode == "reference") if force_mask is None else force_mask
     batch_size = max(batch_size or len(samples), len(samples))
-    batch, sam_images = self._batch(samples, batch_size)
-    embeds = self._embed(self.params, batch)
+    batch = self._batch(samples, batch_size)
+    embeds = self._embed(self.params, {k: batch[k] for k in EMBED_KEYS})
     rng = jax.random.key(seed)
     out = generate(self.llm, {"params": self.params["llm"]}, inputs_embeds=embeds,
                    attention_mask=batch["attention_mask"], max_new_tokens=int(max_new_tokens),
@@ -291,7 +272,7 @@ class MedPLIB:
         decode_rows[i] = len(seg_at)
     logits = iou = None
     if decode_rows:
-      logits, iou = self._decode(self.params, sam_images, out.hidden, index)
+      logits, iou = self._decode(self.params, batch["sam_image"], out.hidden, index)
       logits, iou = np.asarray(logits), np.asarray(iou)
 
     threshold = REFERENCE_THRESHOLD if mode == "reference" else CORRECT_THRESHOLD
@@ -317,32 +298,37 @@ class MedPLIB:
   # --- public calls --------------------------------------------------------------------------------
 
   def predict(self, image, question: str, point=None, box=None, region_mask=None, polygon=None,
-              **kwargs) -> Prediction:
+              history=(), **kwargs) -> Prediction:
     """Answers one question. image: path, encoded bytes, PIL image or uint8 array. Region prompt
     (at most one, original-image pixels): point (x, y), box (x0, y0, x1, y1), polygon
     [(x, y), ...] or region_mask (bool/uint8 array of the image size, or a PNG path).
+    history: earlier rounds as (question, answer) pairs.
     kwargs: max_new_tokens, temperature, top_p, seed, mode, force_mask, template."""
     prompt = {k: v for k, v in dict(point=point, box=box, polygon=polygon,
                                      region_mask=region_mask).items() if v is not None}
-    return self.predict_batch([image], [question], [prompt or None], **kwargs)[0]
+    return self.predict_batch([image], [question], [prompt or None], histories=[history],
+                              **kwargs)[0]
 
   def predict_batch(self, images, questions, region_prompts=None, *, max_new_tokens: int = 64,
                     template: str | None = None, batch_size: int | None = None,
-                    **kwargs) -> list[Prediction]:
+                    histories=None, **kwargs) -> list[Prediction]:
     """Answers several questions in one batched call. region_prompts: per sample None or a dict
-    with one of point / box / polygon / region_mask (see `predict`)."""
+    with one of point / box / polygon / region_mask (see `predict`); histories: per sample the
+    earlier rounds as (question, answer) pairs."""
     if len(images) != len(questions):
       raise InputError(f"{len(images)} images but {len(questions)} questions")
     region_prompts = region_prompts or [None] * len(images)
+    histories = histories or [()] * len(images)
     mode = kwargs.get("mode") or self.mode
     if template is None and mode == "reference":
       template = "vicuna_v1"
     samples = []
-    for image, question, prompt in zip(images, questions, region_prompts):
+    for image, question, prompt, history in zip(images, questions, region_prompts, histories):
       array = load_image(image)
       region = region_from_prompt(array.shape[:2], **(prompt or {}))
       samples.append(self.prepare(array, question, [] if region is None else [region],
-                                  template=template, max_new_tokens=max_new_tokens))
+                                  template=template, max_new_tokens=max_new_tokens,
+                                  history=history))
     return self.run(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, **kwargs)
 
 
