@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
-from medplib_jax.data import pipeline, preprocess, synth
+from medplib_jax.data import pipeline, preprocess, sources, synth, tfds_builder
 from medplib_jax.data.batch import batch_spec, collate
-from medplib_jax.data.mecovqa import BadRecord, BudgetExceeded
+from medplib_jax.data.mecovqa import BadRecord, BudgetExceeded, load_raw
 from medplib_jax.data.template import template_texts
 from medplib_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -135,6 +135,26 @@ def test_bad_records_are_counted_and_budget_aborts(data, tmp_path):
   with pytest.raises(BudgetExceeded, match="budget of 0"):
     for _ in pipeline.make_train_iterator(c, tok, epochs=1):
       pass
+
+
+def test_read_examples_in_order_from_json_list_and_tfds(data, tmp_path):
+  root, paths, _ = data
+  recs = json.load(open(paths["test"]))
+  bad = dict(recs[0], id="gone", image="images/missing.png")
+  path = tmp_path / "with_bad.json"
+  json.dump(recs + [bad, {"conversations": []}], open(path, "w"))
+  got = list(sources.read_examples(str(path), str(root)))
+  assert [rid for rid, _ in got] == [str(r["id"]) for r in recs] + ["gone", str(len(recs) + 1)]
+  assert [b.reason for _, b in got[-2:]] == ["missing_image", "malformed"]
+  assert all(ex == load_raw(r, str(root)) for (_, ex), r in zip(got, recs))
+  from_list = list(sources.read_examples(recs, str(root)))
+  from_file = list(sources.read_examples(paths["test"]))  # images beside the JSON
+  assert from_list == from_file == got[:len(recs)]
+  tfds_builder.build({"test": paths["test"]}, str(root), str(tmp_path / "tfds"))
+  from_tfds = dict(sources.read_examples(str(tmp_path / "tfds"), split="test"))
+  assert from_tfds == dict(from_file)
+  with pytest.raises(FileNotFoundError, match="neither a JSON file nor a TFDS directory"):
+    sources.read_examples(str(tmp_path / "nothing"))
 
 
 def test_collate_fills_the_contract_and_left_padding_moves_positions(data):

@@ -1,7 +1,7 @@
 """Where MeCoVQA records come from: JSON lists and TFDS datasets (`medplib data build`).
 
-Training reads them by index (`open_source`: a random-access source for grain) and turns an item
-into a RawExample with `raw_example`.
+Training reads them by index (`open_source`: a random-access source for grain); evaluation reads
+them in order (`read_examples`). Both turn an item into a RawExample with `raw_example`.
 tensorflow-datasets is a declared dependency (pyproject.toml), imported with tfds_builder.
 """
 
@@ -10,7 +10,7 @@ import json
 import os
 
 from medplib_jax.data import tfds_builder
-from medplib_jax.data.mecovqa import RawExample, load_raw, load_records
+from medplib_jax.data.mecovqa import BadRecord, RawExample, load_raw, load_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +60,31 @@ def raw_example(item, image_root: str) -> RawExample:
   if _is_tfds_item(item):
     return tfds_builder.example_from_tfds(item)
   return load_raw(item, image_root)
+
+
+def read_examples(data, image_root: str = "", split: str = "test"):
+  """Iterator of (id, RawExample | BadRecord), in order, over `data`: a list of MeCoVQA records,
+  a JSON file (image_root defaults to its folder) or a TFDS directory (its `split`).
+
+  Raises FileNotFoundError at once when a path is neither a file nor a directory.
+  """
+  if isinstance(data, str):
+    if os.path.isdir(data):
+      data = tfds_builder.open_split(data, split)
+    elif os.path.isfile(data):
+      image_root = image_root or os.path.dirname(os.path.abspath(data))
+      data = load_records(data)
+    else:
+      raise FileNotFoundError(f"{data!r} is neither a JSON file nor a TFDS directory")
+  return (_keyed_example(i, data[i], image_root) for i in range(len(data)))
+
+
+def _keyed_example(i: int, item, image_root: str):
+  if _is_tfds_item(item):
+    raw = raw_example(item, image_root)
+    return raw.id, raw
+  rid = str(item.get("id", i)) if isinstance(item, dict) else str(i)
+  try:
+    return rid, raw_example(item, image_root)
+  except BadRecord as e:
+    return rid, e

@@ -1,8 +1,9 @@
 """Batched evaluation of a loaded model on MeCoVQA-format data: predictions JSONL + metrics.
 
 `evaluate(model_api, records, image_root, task, mode, out_dir=None, batch_size=8)`:
-* records: a list of MeCoVQA records, a JSON file, or a TFDS directory (`medplib data build`);
-  only the records of `task` are used (vqa -> C, region -> R, ground -> G);
+* records: a list of MeCoVQA records, a JSON file, or a TFDS directory (`medplib data build`),
+  read by `data/sources.py read_examples`; only the records of `task` are used (vqa -> C,
+  region -> R, ground -> G);
 * every batch of `batch_size` records runs through one jitted call (the last one is padded);
 * with `out_dir`, each finished record is appended to `predictions.jsonl` at once, and a rerun
   skips the ids found there (resumable); `metrics.json` is written at the end. `run.json` records
@@ -23,7 +24,8 @@ import sys
 
 import numpy as np
 
-from medplib_jax.data.mecovqa import BadRecord, decode_raw, load_raw, load_records
+from medplib_jax.data.mecovqa import BadRecord, decode_raw
+from medplib_jax.data.sources import read_examples
 from medplib_jax.data.template import GPT, HUMAN
 from medplib_jax.eval import grounding_metrics as gm
 from medplib_jax.eval import vqa_metrics as vm
@@ -36,28 +38,6 @@ PREDICTIONS, METRICS, RUN = "predictions.jsonl", "metrics.json", "run.json"
 
 class EvalError(ValueError):
   """Evaluation that cannot run as asked (bad task/mode, data missing, mismatched resume)."""
-
-
-def _raw_examples(records, image_root: str, split: str):
-  """Yields (id, RawExample | BadRecord) for a record list, a JSON file or a TFDS directory."""
-  if isinstance(records, str) and os.path.isdir(records):
-    from medplib_jax.data import tfds_builder
-    source = tfds_builder.open_split(records, split)
-    for i in range(len(source)):
-      raw = tfds_builder.example_from_tfds(source[i])
-      yield raw.id, raw
-    return
-  if isinstance(records, str):
-    if not os.path.isfile(records):
-      raise EvalError(f"evaluation data {records!r} is neither a JSON file nor a TFDS directory")
-    image_root = image_root or os.path.dirname(os.path.abspath(records))
-    records = load_records(records)
-  for i, record in enumerate(records):
-    rid = str(record.get("id", i)) if isinstance(record, dict) else str(i)
-    try:
-      yield rid, load_raw(record, image_root)
-    except BadRecord as e:
-      yield rid, e
 
 
 def _question_answer(conversations) -> tuple[str, str]:
@@ -143,8 +123,12 @@ def evaluate(model_api, records, image_root: str = "", task: str = "vqa", mode: 
     pred_path = os.path.join(out_dir, PREDICTIONS)
     done = _read_rows(pred_path)
 
+  try:
+    examples = read_examples(records, image_root, split)
+  except FileNotFoundError as e:
+    raise EvalError(f"evaluation data {e}") from e
   items, seen = [], set()
-  for rid, raw in _raw_examples(records, image_root, split):
+  for rid, raw in examples:
     key = rid if rid not in seen else f"{rid}#{len(seen)}"
     seen.add(key)
     if isinstance(raw, BadRecord) or raw.task == TASKS[task]:
