@@ -2,10 +2,10 @@
 
 The model files call these with a kernel-set name (`model.llm.kernels` in the config): "cpu", "gpu",
 "tpu", or "auto" (the set of the backend that runs the trace). Every set computes the same math
-(tests compare them); only the "cpu" set holds forms that were measured faster on XLA:CPU
-(docs/benchmarks.md), so a CPU speed-up can never change what a TPU or GPU compiles. The
-ahead-of-time memory check (`medplib train --compile-only`, `make aot`) compiles the set of the
-target backend on CPU devices.
+(tests compare them); only the "cpu" set holds forms chosen by XLA:CPU measurements
+(docs/benchmarks.md, "Why the kernels look the way they do"), so a CPU speed-up never changes
+what a TPU or GPU compiles. The ahead-of-time memory check (`medplib train --compile-only`,
+`make aot`) compiles the set of the target backend on CPU devices.
 
 | op | cpu | gpu | tpu |
 |---|---|---|---|
@@ -13,6 +13,7 @@ target backend on CPU devices.
 | `bernoulli` (dropout masks) | 16 threefry bits per element | `jax.random.bernoulli`'s bits | `jax.random.bernoulli`'s bits |
 | `dropout` | the forward's mask saved for the backward | autodiff of `where` | autodiff of `where` |
 | `flat_rows` (dense layers on [N, in]) | yes | no | no |
+| `expert_ffn` (MoE expert buffers [G, E, C, D]) | dots on [E, G * C, D], experts leading | einsums over the buffers | einsums over the buffers |
 """
 
 from functools import partial
@@ -80,8 +81,7 @@ def _softmax_attention(q, k, v, mask):
 
   The gradient keeps q, k, v, the output and two numbers per row and recomputes the
   probabilities; it takes the softmax term from rowsum(dO * O) (as FlashAttention does) and
-  contracts every product over the operands' minor axis (XLA:CPU is slow on the others). The
-  cpu set only: it made a CPU step faster, not smaller.
+  contracts every product over the operands' minor axis (XLA:CPU is slow on the others).
   """
   return _softmax_attention_fwd(q, k, v, mask)[0]
 
@@ -143,9 +143,8 @@ def bernoulli(key, p: float, shape, kernels: str):
   ops on counters from per-axis iotas, so each shard hashes only its own slice.
 
   gpu / tpu: `jax.random.bernoulli(key, p, shape)` bit for bit (partitionable threefry: 32 bits
-  per element, the hash of its row-major index). Written out as XLA:TPU / GPU lower jax's
-  threefry; XLA:CPU lowers jax's to a rolled loop, which made the CPU-compiled memory check
-  overstate what a TPU holds.
+  per element, the hash of its row-major index), written out so that the memory check compiled
+  on CPU sees the ops a TPU compiles.
   cpu: 16 bits per element, a quarter of the hashes. For shape [..., D] and q = ceil(D / 4),
   the hash of counter (0, index of (..., j) in the [..., q] grid) gives the four 16-bit words
   of columns j, q + j, 2q + j and 3q + j of that row, each compared with round(p * 2**16).

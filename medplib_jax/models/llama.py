@@ -10,9 +10,9 @@ KV cache (a plain pytree, see `init_cache`): the model is called on a chunk of L
 [index, index + L) of every row; attention sees every valid slot at or before its own.
 
 Layer layouts: `scan_layers=True` stacks the layers' params on a leading axis and runs them under
-`nn.scan` (fast compiles, remat; what training uses). `scan_layers=False` unrolls them (params
-`layers_N`); decoding is faster that way because no layer's weights or cache are sliced out of a
-stack each step. `unstack_layers` converts a trained stack for inference.
+`nn.scan` (compile time independent of depth, remat; what training uses). `scan_layers=False`
+unrolls them (params `layers_N`), so a decode step reads each layer's weights and cache where they
+lie instead of slicing them from a stack; `inference_layout` converts a trained model.
 """
 
 from typing import Any
@@ -71,9 +71,9 @@ def unstack_layers(params: dict, depth: int) -> dict:
 
 
 def inference_layout(llm_config, moe_config, params: dict):
-  """The fastest decoding layout of a trained decoder (LoRA merged): layers unrolled and, with
-  MoE FFNs, the experts split (`moe.split_expert_params`). Returns (llm_config, moe_config,
-  params) converted; what is already converted is left as it is."""
+  """A trained decoder (LoRA merged) in its decoding layout: layers unrolled and MoE experts split
+  (`moe.split_expert_params`), so a decode step reads every weight in place, not sliced from a
+  stack. Returns (llm_config, moe_config, params); parts already converted are left as they are."""
   llm_config, moe_config = llm_config.copy_and_resolve_references(), moe_config.copy_and_resolve_references()
   if llm_config.scan_layers:
     params = unstack_layers(params, llm_config.depth)
@@ -268,8 +268,8 @@ class LlamaForCausalLM(nn.Module):
 
   config: llm_config fields (vocab_size, width, depth, num_heads, num_kv_heads, head_dim,
   mlp_dim, norm_eps, rope_theta, max_length, scan_layers, remat_policy, kernels (the backend
-  kernel set, models/kernels.py)); moe_config: moe_config
-  fields (num_experts 1 = dense SwiGLU); lora_config: (rank, alpha, dropout, targets) or None.
+  kernel set, models/kernels.py)); moe_config: moe_config fields (num_experts 1 = dense
+  SwiGLU); lora_config: (rank, alpha, dropout, targets) or None.
   """
   config: Any
   moe_config: Any = None

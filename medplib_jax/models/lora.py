@@ -50,8 +50,7 @@ class LoraDense(nn.Module):
   x [..., in] -> y [..., features]. rank 0 is a plain Dense (only `kernel`, `bias`).
   `kernel_axes` are the logical names of the kernel's (in, out) axes; A is (in, None), B
   (None, out). Dropout uses the 'dropout' rng stream when `deterministic` is False.
-  The dots run on x flattened to [N, in]: XLA:CPU's weight gradient of a dot over [B, L, in]
-  is much slower than over the same rows as one matrix (measured 11.9 vs 6.9 ms for [4, 256]).
+  With the cpu kernel set the dots run on x flattened to [N, in] (`kernels.flat_rows`).
   """
   features: int
   rank: int = 0

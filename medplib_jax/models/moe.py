@@ -1,43 +1,34 @@
-"""Mixture-of-Experts feed-forward (stage 4) with DeepSpeed `TopKGate` routing.
+"""Mixture-of-Experts SwiGLU feed-forward (stage 4) with DeepSpeed `TopKGate` routing.
 
-Every token is routed by `router` (DeepSpeed's `wg`, no bias) to its top-k experts, each expert
-being a LLaMA SwiGLU FFN `down(silu(x @ gate) * (x @ up))` with weights stacked on a leading expert
-axis. Two dispatch modes:
+y = sum over a token's top-k experts e of combine_e * down_e(silu(x @ gate_e) * (x @ up_e)), with
+the experts' weights stacked on a leading expert axis (`gate_proj` [E, D, F]) and the gates
+softmax(x @ router) in float32 (`route`). Two dispatch modes (`moe.dispatch`):
 
-* ``capacity`` (the reference semantics): each expert takes at most
-  `expert_capacity(tokens, experts, k, factor, min_capacity)` tokens, counted over each routing
-  group's tokens (padding included); the rest are dropped (FFN output 0, the residual carries
-  them). Which routed tokens are kept is decided by DeepSpeed's random token selection (random
-  priority from the 'router' RNG stream, training only) or by position order. Kept tokens are
-  scattered into per-expert buffers [E, C, D], run through the experts and gathered back.
-* ``dropless``: assignments sorted by expert and run through one grouped matmul
-  (`jax.lax.ragged_dot`); nothing is dropped, so top-1 inference costs one dense FFN.
+* ``capacity`` (the reference): expert e keeps at most C = `expert_capacity` of its assignments,
+  first choices before second ones, by random priority in training (DeepSpeed's random token
+  selection) or else by position; a dropped assignment adds 0 (the residual carries the token).
+  Kept tokens are scattered into buffers [E, C, D], run through the experts and gathered back.
+* ``dropless``: assignments sorted by expert through one grouped matmul (`jax.lax.ragged_dot`).
 
-With a current mesh whose ``expert`` axis has size > 1 the experts run expert-parallel inside
-`jax.shard_map` (capacity mode: DeepSpeed's all-to-all exchange; dropless mode: each device runs
-its own experts on the tokens it holds, then a sum over the expert axis).
+Routing groups (`moe.routing_groups`; DeepSpeed's per-rank gate): the batch is cut into G blocks
+of sequences, each routed with its own capacity as a separate call would be, so the buffers are
+[G, E, C, D] with G on the batch shards. G = 1 routes the whole batch, G = 0 takes one group per
+batch shard of the mesh. Groups are blocks of the batch, not of the mesh: a fixed G gives the
+same numbers on every layout.
 
-Routing groups (GShard / MaxText; DeepSpeed's per-rank gating): the batch is split into
-`routing_groups` contiguous blocks of sequences, each routed with its own capacity, so the
-dispatch buffers are [G, E, C, D] with G on the batch shards and no buffer spans the global
-batch. `routing_groups=1` routes the whole batch at once (one replica of the reference);
-`routing_groups=0` takes one group per batch shard of the current mesh (each data-parallel rank
-gates its own micro-batch, as DeepSpeed does). Groups are blocks of the batch, not of the mesh,
-so a fixed group count gives the same numbers on every mesh layout.
+Expert parallelism: with a mesh `expert` axis > 1 the experts are split over it inside
+`jax.shard_map` (capacity: DeepSpeed's two all-to-alls; dropless: each device runs its own experts
+on the tokens it holds, then a sum over the axis).
 
-Few tokens (a decode step, at most `decode_max_tokens`): each expert runs under a `lax.cond`
-taken only when a token is routed to it, so only the routed experts' weights are read.
+Decode (at most `decode_max_tokens` tokens, no expert axis): each expert runs under a `lax.cond`
+taken only when a token is routed to it, so a step reads only the routed experts' weights. `moe.split_experts` is
+the inference layout (`gate_proj_0`, ... [D, F]; `split_expert_params`), whose weights a step
+reads where they lie instead of slicing them from the stack; it has no LoRA and no expert
+parallelism, and a prefill re-stacks it once.
 
-Expert layouts: training keeps the experts stacked on a leading axis (`gate_proj` [E, D, F]),
-which the expert mesh axis shards. Inference may split them (`moe.split_experts`: `gate_proj_0`,
-`gate_proj_1`, ... each [D, F]; see `split_expert_params`) so that a decode step's dots read the
-routed expert's weights where they lie, not a slice of the stack. The split layout has no LoRA
-(merge it first) and no expert parallelism; a call with more tokens than a decode step (a
-prefill) re-stacks the experts once and takes the buffer paths.
-
-How the expert buffers meet the expert weights in the dots is the backend kernel set's choice
-(`kernels.expert_ffn`, `kernels.expert_matmul`); the numbers are the same in every set.
+How the expert buffers meet the weights in the dots is the kernel set's (`kernels.expert_ffn`).
 """
+
 import math
 from functools import partial
 from typing import Any, NamedTuple
@@ -175,24 +166,18 @@ def _combine(out, rows, weight):
 
 
 class MoeFeedForward(nn.Module):
-  """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats).
+  """Top-k MoE SwiGLU FFN: x [B, L, D] -> (y [B, L, D], stats), built like `llama.Mlp`.
 
-  Built like `llama.Mlp`: `config` is the llm config (width D, mlp_dim F, kernels), `moe_config`
-  the routing (num_experts E, top_k, dispatch, capacity_factor_train / _eval, min_capacity,
-  random_token_selection, routing_groups, split_experts, expert_axis) and `lora_config` (rank r,
-  alpha, dropout, targets; None = no LoRA) the adapters, of which only the expert targets
-  gate / up / down apply here (attention targets belong to the attention block).
-  Routing groups: the batch is split into G contiguous blocks of B / G sequences
-  (`routing_groups`; 0 = one per batch shard of the current mesh); each group is routed, and its
-  capacity counted, on its own, as if it were a separate call. G = 1 routes the whole batch.
-  stats: {"aux_loss": [] (load-balancing loss, mean over groups, unscaled; the trainer multiplies
-  it by `moe.aux_loss_coef`), "tokens_per_expert": [E] (routed before dropping, summed over
-  groups), "dropped_fraction": []}.
+  config: the llm config (width D, mlp_dim F, kernels). moe_config: num_experts E, top_k,
+  dispatch, capacity_factor_train / _eval, min_capacity, random_token_selection, routing_groups,
+  split_experts, expert_axis. lora_config: rank r, alpha, dropout, targets (only gate / up / down
+  apply here), or None.
   Params: router/kernel [D, E]; gate_proj, up_proj [E, D, F]; down_proj [E, F, D]; with LoRA on a
   target, `<proj>_lora_a` [E, in, r] and `<proj>_lora_b` [E, r, out] (zeros).
+  stats: aux_loss [] (mean over groups, unscaled: the trainer multiplies `moe.aux_loss_coef`),
+  tokens_per_expert [E] (routed before dropping, summed over groups), dropped_fraction [].
   RNG streams when not deterministic: 'router' (random token selection), 'dropout' (LoRA).
-  A call with at most `decode_max_tokens` tokens (decode) and no expert-parallel mesh axis runs
-  each expert only if a token is routed to it (reads only the routed experts' weights).
+  decode_max_tokens: calls with at most this many tokens take the decode path (0: none do).
   """
   config: Any
   moe_config: Any
@@ -339,11 +324,9 @@ class MoeFeedForward(nn.Module):
   # -- few tokens (decode) ---------------------------------------------------------------------
 
   def _used_experts_only(self, tokens, expert_index, kept, weight, params, dropout_key, ffn):
-    """Each expert runs on all T tokens inside a `lax.cond` taken only when some kept assignment
-    is routed to it, so a decode step reads the weights of the routed experts only (memory-bound
-    decode costs one dense FFN per distinct routed expert). Same numbers as the buffer paths,
-    capacity included: every token is scaled by its combine weight for that expert, 0 where
-    not routed there or dropped. tokens [T, D], routing arrays [T, k] -> [T, D]."""
+    """tokens [T, D], routing arrays [T, k] -> [T, D]: expert e runs on all T tokens under a
+    `lax.cond` taken only when a kept assignment is routed to it, each token scaled by its
+    combine weight for e (0 where not routed there or dropped): the buffer paths' numbers."""
     y = jnp.zeros(tokens.shape, self.dtype)
     for e in range(self.moe_config.num_experts):
       routed = (expert_index == e) & kept
@@ -362,9 +345,8 @@ class MoeFeedForward(nn.Module):
   # -- capacity mode ---------------------------------------------------------------------------
 
   def _capacity_local(self, tokens, routing, params, capacity, group_axis, dropout_key, ffn):
-    """Per group: scatter into [E, C, D] buffers, so the buffers are [G, E, C, D] with the groups
-    on the batch shards; the experts run on all groups' buffers at once (`kernels.expert_ffn`);
-    gather back per group."""
+    """Per group: scatter into [E, C, D] buffers ([G, E, C, D] in all, the groups on the batch
+    shards), the experts on all groups' buffers at once, gather back per group."""
     buffer_rows = min(capacity, tokens.shape[1])  # an expert never receives more than S tokens
     dispatch = partial(_dispatch, num_experts=self.moe_config.num_experts, capacity=buffer_rows)
     buffers, rows = jax.vmap(dispatch)(tokens, routing.expert_index, routing.rank, routing.kept)
@@ -421,9 +403,9 @@ class MoeFeedForward(nn.Module):
   def _dropless_local(self, tokens, routing, params, dropout_key, ffn):
     """Assignments of every group sorted by expert through one grouped matmul (`ragged_dot`).
 
-    Nothing is dropped, so groups only shape the stats: the sort spans all tokens of the call
-    (`ragged_dot` has no batched form over groups). Sharded training should use capacity
-    dispatch or the expert-parallel dropless path, which keeps tokens per device."""
+    Nothing is dropped, so groups only shape the stats and the sort spans all tokens of the call
+    (`ragged_dot` has no batched form over groups); sharded training wants capacity dispatch or
+    an expert axis, which keep tokens per device."""
     groups, group_tokens, width = tokens.shape
     top_k, num_tokens = self.moe_config.top_k, groups * group_tokens
     # Choice-major assignment ids a = choice * T + token over the flattened groups.
