@@ -20,6 +20,7 @@ checkpoint; restoring it yields exactly the batches that would have followed.
 
 import grain
 import numpy as np
+from absl import flags
 
 from medplib_jax.data.batch import collate
 from medplib_jax.data.mecovqa import REASONS, BadRecord, BadRecordBudget, BudgetExceeded
@@ -219,7 +220,6 @@ def shard_order(n: int, seed: int, process_index: int, process_count: int, shuff
 
 def _absl_flags_ready():
   # grain's worker processes read absl flags; outside an absl app they are never parsed.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

@@ -23,6 +23,7 @@ import os
 import sys
 
 import numpy as np
+import tqdm
 
 from medplib_jax.data.mecovqa import BadRecord, decode_raw
 from medplib_jax.data.sources import read_examples
@@ -146,7 +147,6 @@ def evaluate(model_api, records, image_root: str = "", task: str = "vqa", mode: 
 
   bar = None
   if progress:
-    import tqdm
     bar = tqdm.tqdm(total=len(items), initial=len(items) - len(todo), unit="rec", file=sys.stderr,
                     desc=f"eval {task} ({mode})")
   sink = open(pred_path, "a") if pred_path else None
