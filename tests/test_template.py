@@ -1,7 +1,8 @@
 """Templates and label masking on hand-worked examples (tokens and labels listed by hand).
 
 The tokenizer here is a hand-made word-level BPE in LLaMA's conventions (BOS added, `▁` word
-marker, byte fallback, legacy marker after special tokens), so every expected token is readable.
+marker, byte fallback), split as the reference's slow tokenizer splits (the whitespace beside
+MedPLIB's tokens stripped, each chunk with its word marker), so every expected token is readable.
 The expected labels are worked out by hand from the reference's rules (LLaVA preprocess_v1):
 only the assistant answers and their `</s>` are supervised.
 """
@@ -17,7 +18,7 @@ IGN = -100
 SYSTEM_WORDS = ("▁A ▁chat ▁between ▁a ▁curious ▁human ▁and ▁an ▁artificial ▁intelligence "
                 "▁assistant. ▁The ▁assistant ▁gives ▁helpful, ▁detailed, ▁and ▁polite ▁answers "
                 "▁to ▁the ▁human's ▁questions.").split()
-WORDS = SYSTEM_WORDS + ["▁USER:", "▁ASSISTANT:", "Is", "▁there", "▁lesion?", "▁Yes", "▁Where?",
+WORDS = SYSTEM_WORDS + ["▁USER:", "▁ASSISTANT:", "▁Is", "▁there", "▁lesion?", "▁Yes", "▁Where?",
                         "▁Liver.", "▁What", "▁is", "▁this?", "▁Segment", "▁liver.", "▁Sure,",
                         "▁A", "▁CT", "▁scan.", "▁user", "▁user's"]
 
@@ -67,10 +68,10 @@ def test_llava_v1_two_rounds_with_image(tok):
       "A chat between a curious human and an artificial intelligence assistant. The assistant "
       "gives helpful, detailed, and polite answers to the human's questions. USER: <im_start>"
       "<image><im_end>\nIs there a lesion? ASSISTANT: Yes</s>USER: Where? ASSISTANT: Liver.</s>")
-  expected = (["<s>"] + SYSTEM_WORDS + ["▁USER:", "▁", "<im_start>", "<IMAGE>", "<im_end>", "▁",
-                                        "<0x0A>", "Is", "▁there", "▁a", "▁lesion?", "▁ASSISTANT:",
-                                        "▁Yes", "</s>", "▁USER:", "▁Where?", "▁ASSISTANT:",
-                                        "▁Liver.", "</s>"])
+  # No `▁` before <im_start>; the newline after <im_end> is stripped, "Is" starts a new chunk.
+  expected = (["<s>"] + SYSTEM_WORDS + ["▁USER:", "<im_start>", "<IMAGE>", "<im_end>", "▁Is",
+                                        "▁there", "▁a", "▁lesion?", "▁ASSISTANT:", "▁Yes", "</s>",
+                                        "▁USER:", "▁Where?", "▁ASSISTANT:", "▁Liver.", "</s>"])
   assert _pieces(tok, out.input_ids) == expected
   supervised = {expected.index("▁Yes"), expected.index("▁Yes") + 1,
                 len(expected) - 2, len(expected) - 1}
@@ -87,8 +88,8 @@ def test_region_placeholder_between_tags(tok):
   p = _pieces(tok, out.input_ids)
   i = p.index("<region>")
   assert p[i:i + 3] == ["<region>", "<REGION>", "</region>"]
-  assert p[-6:] == ["▁is", "▁", "<region>", "<REGION>", "</region>", "▁this?", "▁ASSISTANT:",
-                    "▁Liver.", "</s>"][-6:]
+  assert p[i - 1:] == ["▁is", "<region>", "<REGION>", "</region>", "▁this?", "▁ASSISTANT:",
+                       "▁Liver.", "</s>"]
   assert _pieces(tok, [t for t in out.labels if t != IGN]) == ["▁Liver.", "</s>"]
 
 
@@ -96,8 +97,9 @@ def test_grounding_answer_supervises_seg(tok):
   conv = [{"from": "human", "value": "<image>\nSegment the liver."},
           {"from": "gpt", "value": "Sure, <SEG>"}]
   out = T.tokenize_conversation(conv, tok, "llava_v1")
-  assert _pieces(tok, out.input_ids)[-4:] == ["▁ASSISTANT:", "▁Sure,", "▁", "<SEG>"][-3:] + ["</s>"]
-  assert _pieces(tok, [t for t in out.labels if t != IGN]) == ["▁Sure,", "▁", "<SEG>", "</s>"]
+  # The space before <SEG> is stripped (the reference's `▁Sure, <SEG>`, not `▁Sure, ▁ <SEG>`).
+  assert _pieces(tok, out.input_ids)[-4:] == ["▁ASSISTANT:", "▁Sure,", "<SEG>", "</s>"]
+  assert _pieces(tok, [t for t in out.labels if t != IGN]) == ["▁Sure,", "<SEG>", "</s>"]
 
 
 def test_plain_template_supervises_caption_and_newline(tok):

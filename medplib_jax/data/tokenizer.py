@@ -2,9 +2,17 @@
 
 `load_tokenizer(dir)` loads any Hugging Face tokenizer directory (the released LLaVA-v1.5 / MedPLIB
 one, or the small one `train_tokenizer` writes for the tiny model) with `transformers`, appends
-`ADDED_TOKENS` in SPEC order as special tokens (as the reference does with
-`add_tokens(..., special_tokens=True)`), and sets pad = unk. Ids of the structural tokens are
-exposed as attributes so nothing downstream looks tokens up by string.
+`ADDED_TOKENS` in SPEC order (as the reference does with `add_tokens(..., special_tokens=True)`),
+and sets pad = unk. Ids of the structural tokens are exposed as attributes so nothing downstream
+looks tokens up by string.
+
+Text is encoded as the reference's slow `LlamaTokenizer` (transformers 4.31, legacy) does it,
+whatever the installed transformers does: the text is split at every added token (leftmost, longest
+first); the whitespace on both sides of an added token is stripped (newlines and tabs included),
+except beside `<s> </s> <unk>`, which keep it; each remaining chunk is encoded on its own by the base
+model with its dummy prefix: sentencepiece for a `tokenizer.model` directory, the `tokenizer.json`
+model otherwise. So `is <SEG>.` is `▁is <SEG> ▁ .` and `<im_end>\nPlease` is `<im_end> ▁Please`
+(tests/test_tokenizer_reference.py compares against ids recorded from the reference).
 
 The tiny default is a LLaMA-style byte-fallback BPE (SentencePiece-like `▁` word marker, ids 0/1/2 =
 `<unk>`/`<s>`/`</s>`, ids 3..258 = the 256 byte tokens) with a base vocabulary of exactly
@@ -17,6 +25,7 @@ import json
 import os
 import re
 
+import sentencepiece
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -40,7 +49,8 @@ class TokenizerError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MedplibTokenizer:
-  """A loaded HF tokenizer with MedPLIB's tokens; `.hf` is the transformers object."""
+  """A loaded HF tokenizer with MedPLIB's tokens; `.hf` is the transformers object (vocabulary,
+  decoding); `encode` follows the reference's splitting rule (module docstring)."""
   hf: object
   pad_id: int
   bos_id: int
@@ -54,16 +64,21 @@ class MedplibTokenizer:
   mask_start_id: int
   mask_end_id: int
   # True when text after a special token is tokenised as if it started a new text (a leading word
-  # marker is added), as the legacy LLaMA tokenizer the reference trained with does.
+  # marker is added), as the legacy LLaMA tokenizer the reference trained with does; `encode`
+  # always does so (each chunk gets its dummy prefix).
   legacy: bool
+  chunks: "ChunkEncoder" = dataclasses.field(repr=False)
+  added: "AddedTokens" = dataclasses.field(repr=False)
 
   def __len__(self) -> int:
     return len(self.hf)
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of `text`; with `add_bos`, exactly `tokenizer(text).input_ids` of the reference."""
-    ids = self.hf(text, add_special_tokens=False).input_ids
-    return [self.bos_id] + ids if add_bos else ids
+    ids = [self.bos_id] if add_bos else []
+    for piece, added_id in self.added.split(text):
+      ids.extend([added_id] if added_id is not None else self.chunks.encode(piece))
+    return ids
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
     ids = [int(i) for i in ids if int(i) >= 0]
@@ -74,6 +89,46 @@ class MedplibTokenizer:
     if tid is None or tid == self.unk_id and token != "<unk>":
       raise TokenizerError(f"token {token!r} is not in the vocabulary")
     return int(tid)
+
+
+class AddedTokens:
+  """Splits text at added tokens as transformers 4.31's slow tokenizer does (`tokenize`)."""
+
+  def __init__(self, ids: dict[str, int], keep_space: set[str]):
+    """ids: added token -> id; keep_space: those that leave the whitespace beside them."""
+    self.ids = dict(ids)
+    self.keep_space = frozenset(keep_space)
+    # Longest first: at one position the longest token wins, as with 4.31's trie.
+    self.pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
+                              + ")")
+
+  def split(self, text: str) -> list[tuple[str, int | None]]:
+    """[(text, None) for a chunk to encode | (token, id) for an added token], empty chunks dropped."""
+    parts = self.pattern.split(text)  # chunk, token, chunk, ..., chunk
+    for i in range(1, len(parts), 2):
+      if parts[i] not in self.keep_space:
+        parts[i - 1] = parts[i - 1].rstrip()
+        parts[i + 1] = parts[i + 1].lstrip()
+    return [(p, self.ids[p] if i % 2 else None) for i, p in enumerate(parts) if p]
+
+
+class ChunkEncoder:
+  """Ids of one chunk of text (no added token in it) by the directory's base model."""
+
+  def __init__(self, path: str):
+    model_file, json_file = (os.path.join(path, f) for f in ("tokenizer.model", "tokenizer.json"))
+    self.sentencepiece = self.model = None
+    if os.path.isfile(model_file):  # the file the reference's slow LlamaTokenizer reads
+      self.sentencepiece = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    elif os.path.isfile(json_file):
+      self.model = Tokenizer.from_file(json_file)
+    else:
+      raise TokenizerError(f"tokenizer in {path!r} has neither tokenizer.model nor tokenizer.json")
+
+  def encode(self, chunk: str) -> list[int]:
+    if self.sentencepiece is not None:
+      return self.sentencepiece.encode(chunk)
+    return self.model.encode(chunk, add_special_tokens=False).ids
 
 
 def _structural_ids(hf) -> dict[str, int]:
@@ -115,11 +170,11 @@ def load_tokenizer(path: str) -> MedplibTokenizer:
   hf.pad_token = hf.unk_token
   hf.model_max_length = 1 << 30  # truncation is done by the template, with a counted warning
   ids = _structural_ids(hf)
-  after = hf("</s>USER", add_special_tokens=False).input_ids
-  legacy = after[1:] == hf("USER", add_special_tokens=False).input_ids
+  added = AddedTokens({str(t): int(i) for i, t in hf.added_tokens_decoder.items()},
+                      keep_space={hf.bos_token, hf.eos_token, hf.unk_token})
   return MedplibTokenizer(hf=hf, pad_id=int(hf.unk_token_id), bos_id=int(hf.bos_token_id),
-                          eos_id=int(hf.eos_token_id), unk_id=int(hf.unk_token_id),
-                          legacy=legacy, **ids)
+                          eos_id=int(hf.eos_token_id), unk_id=int(hf.unk_token_id), legacy=True,
+                          chunks=ChunkEncoder(path), added=added, **ids)
 
 
 def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
