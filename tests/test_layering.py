@@ -80,3 +80,30 @@ def test_nothing_but_the_demo_reaches_into_train():
   """No library package imports medplib_jax.train (its orbax manager, trainer, losses)."""
   users = sorted({package_of(p) for p in modules() for _, t in project_imports(p) if t == "train"})
   assert set(users) <= {"train", "demo"}, users
+
+
+# The only imports inside functions, each with its reason: everything else imports at the top,
+# so a file's first lines say what it depends on.
+FUNCTION_IMPORTS = {
+    "__init__.py": {"medplib_jax.infer.api"},  # `import medplib_jax` (the CLI) stays free of JAX
+    "checkpoint/torch_io.py": {"torch"},  # optional (the convert extra), only for pickled files
+}
+
+
+def function_imports(path: str):
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  for fn in ast.walk(tree):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, ast.Import):
+          yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+          yield node.lineno, node.module
+
+
+def test_imports_sit_at_the_top_of_files():
+  found = {os.path.relpath(p, ROOT): sorted(set(function_imports(p))) for p in modules()}
+  wrong = {rel: hits for rel, hits in found.items()
+           if {m for _, m in hits} - FUNCTION_IMPORTS.get(rel, set())}
+  assert not wrong, f"imports inside functions (move them to the top): {wrong}"
