@@ -189,9 +189,11 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000) -> str:
   learned = vocab_size - fixed
   if learned <= 0:
     raise TokenizerError(f"vocab_size {vocab_size} leaves no room beyond {fixed} fixed tokens")
-  # MedPLIB's tokens are added after the base vocabulary, so they must not be learned as pieces.
+  # MedPLIB's tokens are added after the base vocabulary, so they must not be learned as pieces;
+  # the pieces are learned from the chunks `encode` hands the model: the text between those tokens
+  # (and <image>, where the prompt is split), stripped, each starting a new word.
   marker = re.compile("|".join(re.escape(t) for t in (IMAGE_TOKEN,) + tuple(ADDED_TOKENS)))
-  texts = [marker.sub(" ", t) for t in texts]
+  texts = [c.strip() for t in texts for c in marker.split(t) if c.strip()]
   # A few spare pieces in case a learned piece spells a byte token literally.
   trainer = trainers.BpeTrainer(vocab_size=len(_SPECIALS) + learned + 16, special_tokens=list(_SPECIALS),
                                 limit_alphabet=min(200, learned), show_progress=False)
