@@ -18,14 +18,19 @@ The BPE has no sentencepiece model, so transformers 4.31's LlamaTokenizer cannot
 "reference behaviour" is 4.31's own slow-tokenizer splitting (`PreTrainedTokenizer.tokenize`: split
 at added tokens, strip the whitespace beside MedPLIB's tokens, keep it beside <s> </s> <unk>) with
 each chunk encoded by that BPE (tokenizers 0.13.3, `▁` prefix per chunk), see `_bpe_reference`.
+
+The two steps run in different environments, so each imports its third-party packages itself.
 """
 
 import argparse
+import ast
+import copy
 import importlib.util
+import io
 import itertools
 import json
 import os
-import sys
+import types
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "fixtures", "tokenizer")
@@ -156,7 +161,6 @@ TEMPLATES = ["llava_v1", "vicuna_v1"]
 # ---- step 1: the BPE (our .venv) ---------------------------------------------------------------
 
 def make_bpe(out: str) -> None:
-  # Function-level import: this step runs in our .venv; the reference step's venv lacks medplib_jax.
   from medplib_jax.data.tokenizer import train_tokenizer
   train_tokenizer(corpus(), os.path.join(out, "bpe"), vocab_size=BPE_VOCAB)
 
@@ -178,9 +182,6 @@ def _reference_dataset_functions(medplib: str):
   the names they use: the module's other imports (torchvision, cv2, SAM, the model package) are
   irrelevant to tokenisation and do not import on this CPU-only side venv.
   """
-  import ast
-  import copy
-
   import torch
   import transformers
   utils = _load_file("medplib_utils", os.path.join(medplib, "utils", "utils.py"))
@@ -271,8 +272,6 @@ def _bpe_reference(bpe_dir: str, utils):
 
 def _train_sentencepiece(path: str) -> None:
   """A tiny BPE sentencepiece model with LLaMA's trainer settings (byte fallback, split digits)."""
-  import io
-
   import sentencepiece as spm
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
@@ -288,9 +287,6 @@ def _train_sentencepiece(path: str) -> None:
 
 def _conversation_records(tok, fns, conversation, tokenizer_kind):
   """The reference's prompt, ids and labels for each conversation, per template."""
-  import copy
-  import types
-
   data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=True)
   colon = tok.convert_tokens_to_ids(":")
   out = []
@@ -311,6 +307,8 @@ def _conversation_records(tok, fns, conversation, tokenizer_kind):
 
 
 def make_reference(out: str, medplib: str) -> None:
+  import sentencepiece
+  import tokenizers
   import transformers
   assert transformers.__version__ == "4.31.0", transformers.__version__
   fns, conversation, utils = _reference_dataset_functions(medplib)
@@ -328,8 +326,8 @@ def make_reference(out: str, medplib: str) -> None:
   bpe_tok = _bpe_reference(bpe_dir, utils)
   texts = strings()
   record = {"versions": {"transformers": transformers.__version__,
-                         "tokenizers": sys.modules["tokenizers"].__version__,
-                         "sentencepiece": sys.modules["sentencepiece"].__version__},
+                         "tokenizers": tokenizers.__version__,
+                         "sentencepiece": sentencepiece.__version__},
             "strings": texts, "ids": {}, "image_ids": {}, "decode": {}, "conversations": []}
   for kind, tok in (("sentencepiece", sp_tok), ("bpe", bpe_tok)):
     ids = [tok(s).input_ids for s in texts]
