@@ -227,5 +227,5 @@ def base_config(stage, size):
   c.init = ml_collections.ConfigDict(dict(clip="", llm="", sam="", previous_stage="",
                                           vqa_expert="", ground_expert=""))
   if size == "demo":
-    c.data.max_length = 136  # the demo's longest packed training conversation is 129 tokens
+    c.data.max_length = 136  # the demo's longest packed training conversation is 125 tokens
   return c

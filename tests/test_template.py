@@ -55,7 +55,6 @@ def test_added_tokens_in_spec_order_and_pad_is_unk(tok):
   assert tok.seg_id == base and tok.im_start_id == len(tok) - 2 and tok.im_end_id == len(tok) - 1
   assert tok.region_start_id == base + 3 and tok.region_end_id == base + 4
   assert tok.pad_id == tok.unk_id == 0 and tok.bos_id == 1 and tok.eos_id == 2
-  assert tok.legacy
 
 
 def test_llava_v1_two_rounds_with_image(tok):

@@ -10,9 +10,8 @@ and `preprocess_v1` / `preprocess_plain`):
   `round_len = len(tok(round))` (its BOS stands for the round's `</s>`) and the instruction
   `len(tok(round up to "ASSISTANT: ")) - 2` positions are masked (-2: the BOS, and the lone word
   marker that the trailing space forms before it merges with the answer's first word); so only
-  answers and their `</s>` are supervised. Tokenisers that do not add a word marker after special
-  tokens (non-legacy) take one more off both lengths for rounds after the first, as newer LLaVA
-  does. A length mismatch masks the whole sample (counted, as the reference prints a warning).
+  answers and their `</s>` are supervised (text after `</s>` starts a new chunk with its own word
+  marker, as the legacy tokenizer the reference trained with encodes it). A length mismatch masks the whole sample (counted, as the reference prints a warning).
 * `plain` (stage 1): `<image>` + caption + `\\n`, only the caption and the newline supervised.
 """
 
@@ -150,9 +149,6 @@ def tokenize_conversation(conversations: list[dict], tok, template: Template | s
       break
     round_len = len(tokenizer_image_token(rnd, tok))
     instruction_len = len(tokenizer_image_token(parts[0] + sep, tok)) - 2
-    if i and not tok.legacy:
-      round_len -= 1
-      instruction_len -= 1
     labels[cur:cur + instruction_len] = [IGNORE_INDEX] * len(labels[cur:cur + instruction_len])
     cur += round_len
   labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
@@ -182,6 +178,8 @@ def generation_prompt(conversations: list[dict], template: Template | str = "lla
   """Prompt for answering the last human turn: earlier turns in full, cut after "ASSISTANT:"."""
   template = get_template(template) if isinstance(template, str) else template
   convs = [dict(t, value=place_image_token(str(t["value"]), use_im_start_end)) for t in conversations]
+  if convs and convs[0].get("from") != HUMAN:
+    convs = convs[1:]  # the reference drops a leading non-human turn (as `_turns` does)
   if convs and convs[-1].get("from") == GPT:
     convs = convs[:-1]
   if template.plain:

@@ -63,10 +63,6 @@ class MedplibTokenizer:
   region_end_id: int
   mask_start_id: int
   mask_end_id: int
-  # True when text after a special token is tokenised as if it started a new text (a leading word
-  # marker is added), as the legacy LLaMA tokenizer the reference trained with does; `encode`
-  # always does so (each chunk gets its dummy prefix).
-  legacy: bool
   chunks: "ChunkEncoder" = dataclasses.field(repr=False)
   added: "AddedTokens" = dataclasses.field(repr=False)
 
@@ -173,7 +169,7 @@ def load_tokenizer(path: str) -> MedplibTokenizer:
   added = AddedTokens({str(t): int(i) for i, t in hf.added_tokens_decoder.items()},
                       keep_space={hf.bos_token, hf.eos_token, hf.unk_token})
   return MedplibTokenizer(hf=hf, pad_id=int(hf.unk_token_id), bos_id=int(hf.bos_token_id),
-                          eos_id=int(hf.eos_token_id), unk_id=int(hf.unk_token_id), legacy=True,
+                          eos_id=int(hf.eos_token_id), unk_id=int(hf.unk_token_id),
                           chunks=ChunkEncoder(path), added=added, **ids)
 
 
