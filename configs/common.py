@@ -209,7 +209,14 @@ def base_config(stage, size):
   c.logical_axis_rules = LOGICAL_AXIS_RULES
   c.lora = lora_config()
   c.trainable = ()  # parameter-path regexes; everything else is frozen
-  c.loss = ml_collections.ConfigDict(dict(ce=1.0, dice=0.0, bce=0.0, focal=0.0, iou=0.0))
+  c.loss = ml_collections.ConfigDict(dict(
+      ce=1.0, dice=0.0, bce=0.0, focal=0.0, iou=0.0,
+      # Mask losses (train/losses.py): "canvas" (default: static shapes, memory bounded by the SAM
+      # canvas) or "original", MedPLIB's own per-mask losses at the image's original size, the
+      # logits post-processed as mask_postprocess says ("reference": MedPLIB's postprocess_masks;
+      # "correct": the canvas crop, as the evaluation's two modes). "original" needs batches with
+      # masks_orig, each mask in a data.max_mask_hw square buffer.
+      mask_resolution="canvas", mask_postprocess="reference"))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_ratio=0.03, schedule="linear",
       grad_clip=1.0, epochs=1, global_batch_size=128 if size == "7b" else 8,
@@ -220,7 +227,10 @@ def base_config(stage, size):
       overflow="skip",  # a sample past max_length: "skip" (a bad record) or "truncate" (counted)
       # grain read threads and elements read ahead per worker (0 = two host batches); grain's
       # default (16 threads, 500 ahead) holds ~1 GB of 7B-size samples per worker.
-      read_threads=2, prefetch=0))
+      read_threads=2, prefetch=0,
+      # loss.mask_resolution="original": the side of each sample's original-size mask buffer
+      # (masks_orig); a record with masks on a larger image is skipped as a bad record.
+      max_mask_hw=1024))
   c.train = ml_collections.ConfigDict(dict(
       steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3, on_nonfinite="skip",
       checkpoint_fallback=True))  # an unreadable latest checkpoint: resume from the one before

@@ -1,11 +1,14 @@
-"""Loss functions against torch and worked examples."""
+"""Loss functions against torch and worked examples; the original-size mask buffer they read."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from medplib_jax.data import canvas
+from medplib_jax.infer.masks import postprocess_logits
 from medplib_jax.train import losses
 
 
@@ -74,3 +77,137 @@ def test_mask_losses_average_over_valid_masks_only(valid):
                                            reduction="none").mean((1, 2, 3)).numpy()
   expected = bce[np.array(valid)].mean()
   np.testing.assert_allclose(float(out["bce"]), expected, rtol=1e-5)
+
+
+# --- loss.mask_resolution="original": MedPLIB's losses at the original size ---------------------
+
+CANVAS, LOW_RES, BUFFER = 256, 64, 320  # the 7B SAM canvas, its 64 x 64 logits, data.max_mask_hw
+
+
+def _ellipse(hw, cy, cx, ry, rx):
+  yy, xx = np.mgrid[:hw[0], :hw[1]]
+  return ((yy - hw[0] * cy) / (hw[0] * ry)) ** 2 + ((xx - hw[1] * cx) / (hw[1] * rx)) ** 2 < 1
+
+
+@pytest.fixture(scope="module")
+def non_square():
+  """Two samples, 200x300 (two masks) and 300x200 (one mask, one empty slot): smooth random
+  low-res logits, elliptic ground truths at the original size, in the original and canvas layouts."""
+  rng = np.random.default_rng(3)
+  hws = [(200, 300), (300, 200)]
+  gts = [[_ellipse(hws[0], .45, .55, .2, .25), _ellipse(hws[0], .3, .3, .15, .1)],
+         [_ellipse(hws[1], .5, .4, .3, .2)]]
+  coarse = torch.tensor(rng.normal(size=(4, 1, 8, 8)).astype(np.float32))
+  low = 3 * F.interpolate(coarse, (LOW_RES, LOW_RES), mode="bilinear", align_corners=False).numpy()
+  low = (low + 0.5 * rng.normal(size=low.shape)).astype(np.float32).reshape(2, 2, LOW_RES, LOW_RES)
+  masks_orig = np.zeros((2, 2, BUFFER, BUFFER), bool)
+  masks = np.zeros((2, 2, CANVAS, CANVAS), bool)
+  for b, sample in enumerate(gts):
+    for k, gt in enumerate(sample):
+      masks_orig[b, k, :gt.shape[0], :gt.shape[1]] = gt
+      masks[b, k] = canvas.mask_canvas(gt, CANVAS)
+  geos = [canvas.geometry(hw, CANVAS) for hw in hws]
+  return dict(low=low, iou_pred=rng.uniform(size=(2, 2)).astype(np.float32), gts=gts, geos=geos,
+              valid=np.array([[True, True], [True, False]]), masks_orig=masks_orig, masks=masks,
+              resized_hw=np.array([g.resized_hw for g in geos], np.int32),
+              orig_hw=np.array(hws, np.int32))
+
+
+def _torch_postprocess(low, geo, postprocess):
+  """[1, 1, L, L] -> [1, 1, H, W]: MedPLIB's postprocess_masks ("reference") or the canvas crop."""
+  if postprocess == "correct":
+    low = F.interpolate(low, (geo.size, geo.size), mode="bilinear", align_corners=False)
+    rows = slice(geo.pad_top, geo.pad_top + geo.resized_hw[0])
+    cols = slice(geo.pad_left, geo.pad_left + geo.resized_hw[1])
+  else:
+    pad_h, pad_w = low.shape[-2] - geo.resized_hw[0], low.shape[-1] - geo.resized_hw[1]
+    rows = slice(pad_h // 2, pad_h // 2 + low.shape[-2] - pad_h)
+    cols = slice(pad_w // 2, pad_w // 2 + low.shape[-1] - pad_w)
+  return F.interpolate(low[:, :, rows, cols], geo.orig_hw, mode="bilinear", align_corners=False)
+
+
+def _torch_reference_losses(data, low, postprocess):
+  """MedPLIB's model_forward mask losses (model/MedPLIB.py) written out in torch: one pred mask
+  per <SEG>, sigmoid_ce_loss / dice_loss / FocalLoss / MaskIoULoss, summed, / num_masks."""
+  bce = dice = focal = iou = 0
+  num_masks = 0
+  for b, sample in enumerate(data["gts"]):
+    for k, gt in enumerate(sample):
+      pred = _torch_postprocess(low[b:b + 1, k:k + 1], data["geos"][b], postprocess)[:, 0]
+      target = torch.tensor(gt, dtype=torch.float32)[None]
+      loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+      bce = bce + loss.flatten(1, 2).mean(1).sum() / (1 + 1e-8)
+      p, t = pred.sigmoid().view(1, -1), target.view(1, -1)
+      dice = dice + (1 - (2 * (p * t).sum(-1) + 1e-6) / (p.sum(-1) + t.sum(-1) + 1e-6)).mean()
+      p = pred.sigmoid()
+      pos = -0.25 * target * (1 - p) ** 2 * torch.log(p + 1e-12)
+      neg = -0.75 * (1 - target) * p ** 2 * torch.log(1 - p + 1e-12)
+      focal = focal + (pos.sum() + neg.sum()) / (target.numel() + 1e-12)
+      inter = (p * target).sum()
+      soft_iou = (inter + 1e-7) / (p.sum() + target.sum() - inter + 1e-7)
+      iou = iou + ((soft_iou - torch.tensor(data["iou_pred"][b, k:k + 1])) ** 2).mean()
+      num_masks += 1
+  return {name: v / (num_masks + 1e-8) for name, v in
+          dict(bce=bce, dice=dice, focal=focal, iou=iou).items()}
+
+
+def _original(data, low, postprocess):
+  fn = jax.jit(lambda *a: losses.original_mask_losses(*a, canvas_size=CANVAS,
+                                                      postprocess=postprocess))
+  return fn(low, data["iou_pred"], data["masks_orig"], data["valid"], data["resized_hw"],
+            data["orig_hw"])
+
+
+@pytest.mark.parametrize("postprocess", ["reference", "correct"])
+def test_original_mode_equals_medplib_losses_in_torch(non_square, postprocess):
+  """Values and gradients (w.r.t. the low-res logits) of every mask loss, one jitted function
+  for both image sizes."""
+  data = non_square
+  weights = dict(bce=2.0, dice=0.5, focal=1.0, iou=0.3)
+  low_t = torch.tensor(data["low"], requires_grad=True)
+  expected = _torch_reference_losses(data, low_t, postprocess)
+  sum(w * expected[k] for k, w in weights.items()).backward()
+  got = _original(data, jnp.asarray(data["low"]), postprocess)
+  assert float(got["num_masks"]) == 3
+  for name in weights:
+    np.testing.assert_allclose(float(got[name]), expected[name].item(), rtol=1e-5, err_msg=name)
+
+  def weighted(low):
+    out = _original(data, low, postprocess)
+    return sum(w * out[k] for k, w in weights.items())
+
+  grad = np.asarray(jax.grad(weighted)(jnp.asarray(data["low"])))
+  expected_grad = low_t.grad.numpy()
+  assert not grad[1, 1].any()  # the empty mask slot gets no gradient
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * np.abs(expected_grad).max())
+
+
+@pytest.mark.parametrize("postprocess", ["reference", "correct"])
+def test_original_size_logits_match_the_host_postprocessing(non_square, postprocess):
+  """The traced crop-and-resize equals infer/masks.py postprocess_logits (the evaluation's)."""
+  data = non_square
+  low = data["low"].reshape(4, LOW_RES, LOW_RES)
+  got = np.asarray(losses.original_size_logits(
+      jnp.asarray(low), jnp.asarray(np.repeat(data["resized_hw"], 2, 0)),
+      jnp.asarray(np.repeat(data["orig_hw"], 2, 0)), CANVAS, BUFFER, postprocess))
+  for i in range(4):
+    geo = data["geos"][i // 2]
+    h, w = geo.orig_hw
+    expected = postprocess_logits(low[i:i + 1], geo, postprocess)[0]
+    np.testing.assert_allclose(got[i, :h, :w], expected, rtol=1e-5, atol=2e-5)
+
+
+def test_canvas_and_original_modes_differ_on_a_non_square_image(non_square):
+  """The definitions differ by the resampling (canvas vs original pixels, LISA's vs MedPLIB's
+  Dice eps) and, with MedPLIB's post-processing, by its misplaced crop."""
+  data = non_square
+  canvas_out = losses.mask_losses(jnp.asarray(data["low"]), jnp.asarray(data["iou_pred"]),
+                                  jnp.asarray(data["masks"]), jnp.asarray(data["valid"]),
+                                  jnp.asarray(data["resized_hw"]))
+  rel = {}
+  for postprocess in ("correct", "reference"):
+    out = _original(data, jnp.asarray(data["low"]), postprocess)
+    rel[postprocess] = {k: abs(float(out[k]) / float(canvas_out[k]) - 1) for k in ("bce", "dice")}
+  for name, r in rel["correct"].items():
+    assert 1e-5 < r < 1e-2, (name, r)
+  assert rel["reference"]["bce"] > 1e-2, rel
