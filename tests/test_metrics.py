@@ -242,9 +242,12 @@ def test_grounding_accumulator_by_modality():
   assert r["num_samples"] == 3
   assert r["miou"] == pytest.approx(100 * (1 / 3 + 1 + 0) / 3)
   assert r["mdice"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+  # ct: (I, U) = (1, 3) and (2, 2): gIoU (1/3 + 1) / 2, cIoU 3 / 5, Dice 2/4 and 4/4.
   assert r["by_modality"]["ct"] == pytest.approx(
-      {"miou": 100 * 2 / 3, "mdice": 75.0, "num_samples": 2})
-  assert r["by_modality"]["mr"] == {"miou": 0.0, "mdice": 0.0, "num_samples": 1}
+      {"miou": 100 * 2 / 3, "mdice": 75.0, "giou": 100 * 2 / 3, "ciou": 60.0, "median_dice": 75.0,
+       "num_samples": 2, "num_objects": 2})
+  assert r["by_modality"]["mr"] == {"miou": 0.0, "mdice": 0.0, "giou": 0.0, "ciou": 0.0,
+                                    "median_dice": 0.0, "num_samples": 1, "num_objects": 1}
   assert gm.GroundingAccumulator().result()["miou"] is None
   assert gm.grounding_metrics([(pred, gt, "ct")])["miou"] == pytest.approx(100 / 3)
 
@@ -265,3 +268,71 @@ def test_grounding_bad_input():
     gm.mask_iou(np.ones((2, 2), bool), np.ones((3, 2), bool))
   with pytest.raises(ValueError, match="unknown metric mode"):
     gm.GroundingAccumulator("paper")
+
+
+def _block(rows, cols, shape=(4, 4)):
+  mask = np.zeros(shape, bool)
+  mask[rows, cols] = True
+  return mask
+
+
+def test_giou_ciou_median_dice_worked_example():
+  """Three one-object samples on 4x4 images, counted by hand:
+  A: gt top-left 2x2 (4 px), pred its top row (2 px)        I 2, U 4: IoU 1/2, Dice 4/6
+  B: gt left half (8 px), pred its top three rows (6 px)     I 6, U 8: IoU 3/4, Dice 12/14
+  C: gt one pixel, nothing decoded                           I 0, U 1: IoU 0,   Dice 0
+  gIoU = (1/2 + 3/4 + 0) / 3, cIoU = (2 + 6 + 0) / (4 + 8 + 1) = 8/13, median Dice = 4/6."""
+  samples = [(_block(0, slice(0, 2)), _block(slice(0, 2), slice(0, 2)), "ct"),
+             (_block(slice(0, 3), slice(0, 2)), _block(slice(None), slice(0, 2)), "ct"),
+             (None, _block(3, 3), "mr")]
+  assert [gm.mask_counts(p, g) for p, g, _ in samples] == [([2], [4]), ([6], [8]), ([0], [1])]
+  r = gm.grounding_metrics(samples, "correct")
+  assert r["giou"] == pytest.approx(100 * 1.25 / 3) == pytest.approx(r["miou"])  # one object each
+  assert r["ciou"] == pytest.approx(100 * 8 / 13)
+  assert r["median_dice"] == pytest.approx(100 * 4 / 6)
+  assert r["mdice"] == pytest.approx(100 * (4 / 6 + 12 / 14 + 0) / 3)
+  assert (r["num_samples"], r["num_objects"]) == (3, 3)
+  assert r["by_modality"]["ct"]["ciou"] == pytest.approx(100 * 8 / 12)
+  # Reference mode: LISA's epsilons, I / (U + 1e-5) and sum I / (sum U + 1e-10).
+  ref = gm.grounding_metrics(samples, "reference")
+  assert ref["giou"] == pytest.approx(100 * (2 / (4 + 1e-5) + 6 / (8 + 1e-5)) / 3, rel=1e-12)
+  assert ref["ciou"] == pytest.approx(100 * 8 / (13 + 1e-10), rel=1e-12)
+  assert ref["giou"] != r["giou"]
+
+
+def test_giou_counts_objects_miou_counts_samples():
+  """A sample with two objects found 1 and 0 (sample IoU 1/2) and one with one object found 1:
+  mIoU (1/2 + 1) / 2 = 3/4, gIoU over the three objects (1 + 0 + 1) / 3, cIoU 6 / 10, median
+  Dice of (1, 0, 1) = 1. A bare IoU (no counts) is one object and leaves cIoU undefined."""
+  acc = gm.GroundingAccumulator("correct")
+  assert acc.add_counts([4, 0], [4, 4], "ct") == 0.5
+  acc.add_counts([2], [2], "ct")
+  r = acc.result()
+  assert r["miou"] == pytest.approx(75.0) and r["giou"] == pytest.approx(100 * 2 / 3)
+  assert r["ciou"] == pytest.approx(60.0) and r["median_dice"] == 100.0
+  assert (r["num_samples"], r["num_objects"]) == (2, 3)
+  acc.add_iou(0.5, "mr")
+  r = acc.result()
+  assert r["ciou"] is None and r["num_objects"] == 4
+  assert r["giou"] == pytest.approx(100 * 2.5 / 4) and r["by_modality"]["mr"]["median_dice"] == (
+      pytest.approx(100 * 2 / 3))  # Dice of IoU 1/2
+
+
+def test_empty_union_is_a_found_no_object_target_for_giou():
+  """LISA counts an empty union as IoU 1 (`acc_iou[union_i == 0] += 1.0`); mIoU keeps 0."""
+  for mode in gm.MODES:
+    acc = gm.GroundingAccumulator(mode)
+    acc.add_counts([0], [0], "ct")
+    r = acc.result()
+    assert (r["miou"], r["giou"], r["median_dice"]) == (0.0, 100.0, 100.0)
+
+
+def test_mask_counts_pairing_follows_the_mode():
+  gt = np.array([[[1, 0], [1, 0]], [[0, 1], [0, 1]]], bool)  # left column, right column
+  assert gm.mask_counts(gt, gt, "correct") == ([2, 2], [2, 2])
+  assert gm.mask_counts(gt, gt, "reference") == ([2, 0], [2, 4])  # the first prediction, twice
+  assert gm.mask_counts(gt[:1], gt, "correct") == ([2, 0], [2, 2])  # a missing one is empty
+  assert gm.iou_from_counts([2, 0], [2, 4], "reference") == pytest.approx(1 / 3)
+  assert gm.iou_from_counts([2, 0], [2, 2], "correct") == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="as many"):
+    gm.iou_from_counts([1], [1, 2])
