@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from medplib_jax import cli
 from medplib_jax.data.synth import write_synthetic
@@ -103,6 +104,7 @@ def test_ground_eval_writes_rows_and_resumes(model, data, tmp_path, monkeypatch)
     f.write('{"key": "torn')
   runner.evaluate(model, data, "", "ground", "correct", out, batch_size=BATCH, max_new_tokens=NEW)
   assert calls == [1]  # only the missing record ran
+  assert len(_lines(os.path.join(out, "predictions.jsonl"))) == n  # the torn line was cut off
 
 
 def test_reference_mode_always_decodes_a_mask(model, data, tmp_path):
@@ -121,8 +123,9 @@ def test_region_and_vqa_tasks(model, data):
   assert vqa["num_open"] + vqa["num_closed"] == 2
 
 
-def test_later_rounds_are_counted_not_dropped(model, data, capsys):
-  """A two-round record is scored on its first question; its second round is reported."""
+def test_every_round_is_scored(model, data):
+  """A two-round record gives two scored rounds (the old runner scored its first question only
+  and counted the second in `rounds_not_scored`)."""
   with open(data) as f:
     records = [r for r in json.load(f) if r["task"] == "C"][:2]
   first = records[0]
@@ -131,11 +134,173 @@ def test_later_rounds_are_counted_not_dropped(model, data, capsys):
   root = os.path.dirname(data)
   metrics = runner.evaluate(model, [two_rounds, records[1]], root, "vqa", "correct",
                             batch_size=BATCH, max_new_tokens=NEW)
-  assert metrics["num_records"] == 2 and metrics["rounds_not_scored"] == 1
-  assert "1 later round(s) of multi-turn records are not scored" in capsys.readouterr().err
-  single = runner.evaluate(model, records, root, "vqa", "correct", batch_size=BATCH,
+  assert (metrics["num_records"], metrics["num_rounds"], metrics["num_errors"]) == (2, 3, 0)
+  assert metrics["num_open"] + metrics["num_closed"] == 3
+
+
+def _png(path, array):
+  Image.fromarray(array).save(path)
+
+
+@pytest.fixture()
+def two_round_data(tmp_path):
+  """16x16 image; masks: liver = top-left 4x4 (16 px), kidney = bottom half (128 px); regions
+  r1 (top-left 4x4), r2 (top-right 4x4). Grounding records of 2 and 3 rounds (the middle one
+  a text question), a two-round region record."""
+  _png(tmp_path / "ct_1.png", np.full((16, 16, 3), 90, np.uint8))
+  liver, kidney, r1, r2 = (np.zeros((16, 16), np.uint8) for _ in range(4))
+  liver[:4, :4] = kidney[8:] = r1[:4, :4] = r2[:4, 12:] = 255
+  for name, m in dict(liver=liver, kidney=kidney, r1=r1, r2=r2).items():
+    _png(tmp_path / f"{name}.png", m)
+
+  def rec(rid, *turns):
+    return {"id": rid, "image": "ct_1.png", "answer_type": "OPEN", "conversations": [
+        {"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(turns)]}
+  records = [
+      rec("g2", "<image>\nSegment the liver.", "It is <SEG><mask>liver.png</mask>.",
+          "And the kidney?", "Here: <SEG><mask>kidney.png</mask>."),
+      rec("g3", "<image>\nSegment the liver.", "Sure, <SEG><mask>liver.png</mask>.",
+          "Is it enlarged?", "no", "Now the kidney.", "<SEG><mask>kidney.png</mask>"),
+      rec("r2", "<image>\nWhat is at <region>r1.png</region>?", "the liver",
+          "And at <region>r2.png</region>?", "the spleen"),
+  ]
+  return records, str(tmp_path), {"liver": liver > 0, "r1": r1 > 0, "r2": r2 > 0}
+
+
+def test_each_round_gets_its_history_regions_and_masks(model, two_round_data, tmp_path,
+                                                         monkeypatch):
+  """Round k's prompt holds rounds 1..k-1 with their ground-truth answers, the regions up to its
+  question, and is scored against its own answer's mask; rounds of different records share
+  device batches, and the resume key is (record, round)."""
+  records, root, m = two_round_data
+  prepared, calls = [], []
+  real_prepare = model.prepare
+
+  def prepare(image, question, region_masks=(), **kwargs):
+    sample = real_prepare(image, question, region_masks, **kwargs)
+    prepared.append({"question": question, "regions": [np.asarray(r) for r in region_masks],
+                     "history": list(kwargs["history"]), "prompt": sample.prompt})
+    return sample
+
+  def run(samples, **kwargs):  # every prediction is the liver mask
+    calls.append(len(samples))
+    return [api.Prediction(text="it", masks=[m["liver"]], mask_scores=[1.0], seg_found=True,
+                           forced=False, raw_text="it", tokens=[]) for _ in samples]
+  monkeypatch.setattr(model, "prepare", prepare)
+  monkeypatch.setattr(model, "run", run)
+  monkeypatch.setattr(model, "max_regions", 2)  # one region slot per round, as the demo model has
+
+  out = str(tmp_path / "ground")
+  metrics = runner.evaluate(model, records, root, "ground", "correct", out, batch_size=3,
+                            max_new_tokens=NEW)
+  assert calls == [3, 1]  # four scored rounds of two records, three per batch
+  with open(os.path.join(out, "predictions.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r["key"], r["round"]) for r in rows] == [("g2", 1), ("g2", 2), ("g3", 1), ("g3", 3)]
+  # Pred = liver (16 px): round "liver" I 16, U 16; round "kidney" (128 px, disjoint) I 0, U 144.
+  assert [(r["intersection"], r["union"]) for r in rows] == [
+      ([16], [16]), ([0], [144]), ([16], [16]), ([0], [144])]
+  assert [r["answer"] for r in rows] == ["It is .", "Here: .", "Sure, .", ""]
+  assert (metrics["num_records"], metrics["num_rounds"], metrics["rounds_without_mask"]) == (2, 4, 1)
+  assert metrics["miou"] == 50.0 and metrics["ciou"] == pytest.approx(100 * 32 / 320)
+  g2_round2, g3_round3 = prepared[1], prepared[3]
+  assert g2_round2["history"] == [("<image>\nSegment the liver.", "It is <SEG>.")]
+  assert "It is <SEG>." in g2_round2["prompt"] and "And the kidney?" in g2_round2["prompt"]
+  assert [a for _, a in g3_round3["history"]] == ["Sure, <SEG>.", "no"]  # the text round too
+  assert "Is it enlarged?" in g3_round3["prompt"] and "no" in g3_round3["prompt"]
+
+  prepared.clear()
+  region = runner.evaluate(model, records, root, "region", "correct", batch_size=3,
                            max_new_tokens=NEW)
-  assert single["rounds_not_scored"] == 0
+  assert region["num_rounds"] == 2 and region["num_errors"] == 0
+  assert [len(p["regions"]) for p in prepared] == [1, 2]  # round 2 refers to both regions
+  np.testing.assert_array_equal(prepared[0]["regions"][0], m["r1"])
+  np.testing.assert_array_equal(prepared[1]["regions"][1], m["r2"])
+  assert "the liver" in prepared[1]["prompt"]
+
+  with open(os.path.join(out, "predictions.jsonl"), "w") as f:  # lose g2's second round
+    f.writelines(json.dumps(r) + "\n" for r in rows if (r["key"], r["round"]) != ("g2", 2))
+  calls.clear()
+  again = runner.evaluate(model, records, root, "ground", "correct", out, batch_size=3,
+                          max_new_tokens=NEW)
+  assert calls == [1] and again == metrics
+
+
+def test_rounds_out_of_order_give_an_error_row():
+  with pytest.raises(runner.BadRecord, match="expected a 'gpt' turn"):
+    runner.conversation_rounds([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
+  rounds = runner.conversation_rounds([  # a leading gpt turn is dropped, as the templates drop it
+      {"from": "gpt", "value": "hello <region></region>"}, {"from": "human", "value": "q"},
+      {"from": "gpt", "value": "a"}, {"from": "human", "value": "unanswered"}])
+  assert [(r.number, r.question, r.regions, r.masks) for r in rounds] == [(1, "q", 1, ())]
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_predictions_rescore_our_rows_and_the_reference_answer_file(model, data, tmp_path,
+                                                                    capsys):
+  """--predictions on the rows `evaluate` wrote, and on the same answers laid out as the
+  reference's vqa_infer.py answer file, gives the metrics `evaluate` wrote."""
+  for task in ("ground", "vqa"):
+    out = str(tmp_path / task)
+    written = runner.evaluate(model, data, "", task, "correct", out, batch_size=BATCH,
+                              max_new_tokens=NEW)
+    written.pop("rounds_without_mask", None)  # known only with the records
+    assert cli.main(["eval", "--predictions", os.path.join(out, "predictions.jsonl"),
+                     "--task", task, "--out", str(tmp_path / f"re_{task}")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed.pop("predictions_format") == "medplib" and printed == written
+    with open(tmp_path / f"re_{task}" / "metrics.json") as f:
+      assert json.load(f)["miou" if task == "ground" else "accuracy"] == printed[
+          "miou" if task == "ground" else "accuracy"]
+
+  with open(data) as f:
+    images = {r["id"]: r["image"] for r in json.load(f)}
+  answers = tmp_path / "answer-file.jsonl"
+  with open(answers, "w") as f:
+    for i, r in enumerate(_lines(tmp_path / "vqa" / "predictions.jsonl")):
+      f.write(json.dumps({"question_id": i, "image_path": "/data/" + images[r["id"]],
+                          "prompt": r["question"], "gt": r["answer"], "text": r["prediction"],
+                          "answer_id": "x", "model_id": "m", "answer_type": r["answer_type"],
+                          "metadata": {}}) + "\n")
+  rescored = runner.score_predictions(str(answers), "vqa", "correct")
+  assert rescored.pop("predictions_format") == "reference" and rescored == written
+  assert runner.score_predictions(str(answers), "vqa", "reference")["mode"] == "reference"
+
+
+def test_predictions_bad_rows_give_one_line(tmp_path, capsys):
+  good = {"question_id": 0, "prompt": "q", "gt": "yes", "text": "yes", "answer_type": "closed"}
+  cases = [
+      ("vqa", [good, {k: v for k, v in good.items() if k != "gt"}], "line 2: missing field 'gt'"),
+      ("vqa", [good, dict(good, text=3)], "line 2: field 'text' is int, expected str"),
+      ("ground", [good], "line 1: a reference answer-file row"),
+      ("vqa", ["{not json"], "line 1: not a JSON object"),
+      ("ground", [{"key": "a", "round": 1, "modality": "ct", "iou": 0.5},
+                  {"key": "b", "round": 1, "modality": "ct"}], "line 2: missing field 'intersection'"),
+      ("ground", [{"key": "a", "round": 1, "task": "C", "modality": "ct"}], "line 1: a task 'C' row"),
+      ("vqa", [good, {k: v for k, v in good.items() if k != "question_id"}],
+       "line 2: missing field 'question_id'"),
+      ("vqa", [{"prompt": "q"}], "line 1: neither a `medplib eval` row (key) nor"),
+      ("vqa", [{"key": "a", "round": 1, "modality": "ct", "answer": "x", "answer_type": "open"}],
+       "line 1: missing field 'prediction'"),
+      ("vqa", [], "no prediction rows"),
+  ]
+  for i, (task, lines, message) in enumerate(cases):
+    path = tmp_path / f"bad{i}.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                            for line in lines))
+    assert cli.main(["eval", "--predictions", str(path), "--task", task]) == 2, message
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+  assert cli.main(["eval", "--predictions", str(tmp_path / "none.jsonl"), "--task", "vqa"]) == 2
+  assert "cannot read predictions file" in capsys.readouterr().err
+  assert cli.main(["eval", "--predictions", str(path), "--checkpoint", "x", "--task", "vqa"]) == 2
+  assert "takes no --checkpoint" in capsys.readouterr().err
+  assert cli.main(["eval", "--task", "vqa", "--data", "x.json"]) == 2
+  assert "--checkpoint --out required" in capsys.readouterr().err
 
 
 def test_eval_cli_and_refused_mismatched_resume(model, data, tmp_path, capsys, monkeypatch):
