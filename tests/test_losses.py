@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -211,3 +212,28 @@ def test_canvas_and_original_modes_differ_on_a_non_square_image(non_square):
   for name, r in rel["correct"].items():
     assert 1e-5 < r < 1e-2, (name, r)
   assert rel["reference"]["bce"] > 1e-2, rel
+
+
+def test_total_loss_takes_the_mask_losses_the_config_names(non_square):
+  data = non_square
+  outputs = dict(logits=jnp.zeros((2, 3, 5)), mask_logits=jnp.asarray(data["low"]),
+                 iou_pred=jnp.asarray(data["iou_pred"]), seg_valid=jnp.asarray(data["valid"]),
+                 moe_aux_loss=jnp.zeros(()))
+  batch = dict(labels=jnp.full((2, 3), -100), masks=jnp.asarray(data["masks"]),
+               masks_orig=jnp.asarray(data["masks_orig"]), sam_resized_hw=data["resized_hw"],
+               orig_hw=data["orig_hw"])
+  cfg = ml_collections.ConfigDict(dict(ce=1.0, bce=1.0, dice=0.0, focal=0.0, iou=0.0,
+                                       mask_resolution="canvas", mask_postprocess="reference"))
+  expected = {"canvas": losses.mask_losses(outputs["mask_logits"], outputs["iou_pred"],
+                                           batch["masks"], outputs["seg_valid"],
+                                           batch["sam_resized_hw"])["bce"],
+              "original": _original(data, outputs["mask_logits"], "reference")["bce"]}
+  for resolution, bce in expected.items():
+    cfg.mask_resolution = resolution
+    _, metrics = losses.total_loss(outputs, batch, cfg, 0.0)
+    np.testing.assert_allclose(float(metrics["mask_bce"]), float(bce), rtol=1e-6)
+  with pytest.raises(ValueError, match="needs batches carrying masks_orig"):
+    losses.total_loss(outputs, {k: v for k, v in batch.items() if k != "masks_orig"}, cfg, 0.0)
+  cfg.mask_resolution = "full"
+  with pytest.raises(ValueError, match="expected one of"):
+    losses.total_loss(outputs, batch, cfg, 0.0)

@@ -18,6 +18,9 @@ Per sample (a batch adds a leading `B`):
 | seg_positions    | [M] int32                | sequence position of each `<SEG>` token, -1 = none        |
 | masks            | [M, Ss, Ss] bool         | ground-truth mask of each `<SEG>` on the SAM canvas       |
 | orig_hw          | [2] int32                | original image size (for post-processing)                 |
+| masks_orig       | [M, Hm, Hm] bool         | only when `mask_hw` = Hm > 0 (loss.mask_resolution        |
+|                  |                          | "original"): each mask at its original size, top-left;    |
+|                  |                          | orig_hw says how much of the buffer is real               |
 
 `labels` follow the Hugging Face convention: `labels[t]` is the target for the logits at `t`
 after the one-position shift done in the loss (`logits[:, :-1]` vs `labels[:, 1:]`).
@@ -36,7 +39,7 @@ PADDING_SIDES = ("right", "left")
 # Keys holding sequence positions (-1 = none): they move with the tokens under left padding.
 POSITION_KEYS = ("image_start", "region_positions", "seg_positions")
 # Keys with one entry per region / mask: a sample may give fewer than the spec's R / M.
-LIST_KEYS = ("region_positions", "region_masks", "seg_positions", "masks")
+LIST_KEYS = ("region_positions", "region_masks", "seg_positions", "masks", "masks_orig")
 
 
 def patch_grid(vision_cfg) -> int:
@@ -48,14 +51,22 @@ def patch_grid(vision_cfg) -> int:
   return vision_cfg.image_size // vision_cfg.patch_size
 
 
-def batch_spec(model_cfg, max_length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Shapes and dtypes of one sample's arrays (see the module docstring)."""
+def original_mask_hw(config) -> int:
+  """Hm, the side of the masks_orig buffer a training config's batches carry: data.max_mask_hw
+  with loss.mask_resolution="original" (train/losses.py), else 0 (no masks_orig)."""
+  return int(config.data.max_mask_hw) if config.loss.mask_resolution == "original" else 0
+
+
+def batch_spec(model_cfg, max_length: int,
+               mask_hw: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of one sample's arrays (see the module docstring); mask_hw > 0 adds
+  masks_orig [M, mask_hw, mask_hw]."""
   sc = model_cfg.vision.image_size
   g = patch_grid(model_cfg.vision)
   ss = model_cfg.sam.image_size
   r = model_cfg.region.max_regions
   m = model_cfg.grounding.max_masks
-  return {
+  spec = {
       "input_ids": ((max_length,), np.int32),
       "attention_mask": ((max_length,), np.bool_),
       "labels": ((max_length,), np.int32),
@@ -69,6 +80,9 @@ def batch_spec(model_cfg, max_length: int) -> dict[str, tuple[tuple[int, ...], n
       "masks": ((m, ss, ss), np.bool_),
       "orig_hw": ((2,), np.int32),
   }
+  if mask_hw:
+    spec["masks_orig"] = ((m, mask_hw, mask_hw), np.bool_)
+  return spec
 
 
 def _token_count(sample: Mapping) -> int:
@@ -83,19 +97,20 @@ def _token_count(sample: Mapping) -> int:
 
 
 def collate(samples: Sequence[Mapping], model_cfg, length: int, pad_id: int,
-            padding: str = "right") -> dict[str, np.ndarray]:
-  """Samples -> one batch: every key of `batch_spec(model_cfg, length)` with a leading B.
+            padding: str = "right", mask_hw: int = 0) -> dict[str, np.ndarray]:
+  """Samples -> one batch: every key of `batch_spec(model_cfg, length, mask_hw)` with a leading B.
 
   A sample is a mapping with any of the contract's keys; an absent key stays empty (no image, no
   region, no mask, no label), so `{}` is an all-padding sample. Its tokens are `input_ids[:n]`,
   n = the True prefix of `attention_mask` (all of `input_ids` without one), `labels` aligned
   with them; `image_start` / `region_positions` / `seg_positions` index those tokens, and the
   per-region / per-mask lists may be shorter than R / M. padding="right" puts the tokens at 0,
-  "left" ends them at `length`, and the positions move with them.
+  "left" ends them at `length`, and the positions move with them. A sample's masks_orig
+  [k, H, W] (its masks at the original size) goes top-left into the [M, Hm, Hm] buffer.
   """
   if padding not in PADDING_SIDES:
     raise ValueError(f"padding must be one of {PADDING_SIDES}, got {padding!r}")
-  spec = batch_spec(model_cfg, length)
+  spec = batch_spec(model_cfg, length, mask_hw)
   batch = {k: np.zeros((len(samples),) + shape, dtype) for k, (shape, dtype) in spec.items()}
   batch["input_ids"][:] = pad_id
   batch["labels"][:] = IGNORE_INDEX
@@ -121,7 +136,12 @@ def collate(samples: Sequence[Mapping], model_cfg, length: int, pad_id: int,
       if key in LIST_KEYS:
         if len(value) > spec[key][0][0]:
           raise ValueError(f"{len(value)} {key} exceed the model's {spec[key][0][0]}")
-        if len(value):
+        if key == "masks_orig" and len(value):
+          h, w = value.shape[1:]
+          if max(h, w) > mask_hw:
+            raise ValueError(f"{h}x{w} masks exceed the {mask_hw}x{mask_hw} masks_orig buffer")
+          batch[key][row, :len(value), :h, :w] = value
+        elif len(value):
           batch[key][row, :len(value)] = value
       else:
         batch[key][row] = value

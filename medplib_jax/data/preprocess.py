@@ -7,7 +7,9 @@ placeholder into G*G consecutive slots (one per CLIP patch feature) and each reg
 into one slot (both holding `pad_id`, labels -100), places the CLIP and SAM canvases
 (canvas.py) and puts each region mask on the CLIP patch grid. `build_sample` turns a training
 or evaluation record into one fixed-shape sample: that layout plus the `<SEG>` positions and
-their masks on the SAM canvas, the region augmentation, and padding by `batch.collate`.
+their masks on the SAM canvas (and, with `PreprocessOptions.mask_hw`, at their original size in
+the masks_orig buffer that loss.mask_resolution="original" reads), the region augmentation, and
+padding by `batch.collate`.
 
 Region masks on the patch grid follow the reference: the mask is resized onto the CLIP canvas
 (bilinear, >= 1 kept), then sampled every `patch` pixels (cv2 INTER_NEAREST at 1/14 picks rows/cols
@@ -41,6 +43,9 @@ class PreprocessOptions:
   template: str = "llava_v1"
   overflow: str = "skip"  # "skip": too_long is a bad record; "truncate": cut, and count it
   max_pixels: int = DEFAULT_MAX_PIXELS
+  # > 0: carry masks_orig, the masks at their original size in a mask_hw square buffer
+  # (batch.original_mask_hw); a record with masks on a larger image is a bad record.
+  mask_hw: int = 0
 
 
 def sub_region(grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -182,6 +187,19 @@ def _decoded(record, image_root, max_pixels) -> DecodedExample:
   return decode_raw(raw, max_pixels)
 
 
+def _original_masks(ex: DecodedExample, count: int, mask_hw: int) -> np.ndarray:
+  """The first `count` masks at their original size, bool [count, H, W]; BadRecord when the image
+  does not fit the mask_hw buffer (a crop would change the loss, so the record is skipped)."""
+  if not count:
+    return np.zeros((0, 0, 0), bool)
+  h, w = ex.masks[0].shape
+  if max(h, w) > mask_hw:
+    raise BadRecord("unreadable_image", "image",
+                    f"{w}x{h} image exceeds data.max_mask_hw={mask_hw}, the original-size mask "
+                    f"buffer of loss.mask_resolution='original'")
+  return np.stack(ex.masks[:count])
+
+
 def build_sample(record, tokenizer, model_cfg, max_length: int, image_root: str = "",
                  rng: np.random.Generator | None = None, train: bool = True,
                  options: PreprocessOptions = PreprocessOptions()):
@@ -225,7 +243,9 @@ def build_sample(record, tokenizer, model_cfg, max_length: int, image_root: str 
   masks = [canvas.mask_canvas(m, model_cfg.sam.image_size) for m in ex.masks[:len(segs)]]
   arrays = dict(sample.arrays(), input_ids=ids[:n], labels=sample.labels[:n],
                 region_positions=regions, region_masks=grids, seg_positions=segs, masks=masks)
-  batch = collate([arrays], model_cfg, max_length, tokenizer.pad_id)
+  if options.mask_hw:
+    arrays["masks_orig"] = _original_masks(ex, len(segs), options.mask_hw)
+  batch = collate([arrays], model_cfg, max_length, tokenizer.pad_id, mask_hw=options.mask_hw)
   s = {k: v.reshape(v.shape[1:]) for k, v in batch.items()}
 
   meta = {"id": raw.id, "modality": raw.modality, "task": raw.task,

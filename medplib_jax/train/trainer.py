@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from medplib_jax import sharding
 from medplib_jax.checkpoint import model_dir, pretrained
-from medplib_jax.data.batch import batch_spec
+from medplib_jax.data.batch import batch_spec, original_mask_hw
 from medplib_jax.models import lora as lora_lib
 from medplib_jax.models.medplib import RNG_STREAMS, MedPLIB, abstract_variables, dummy_batch
 from medplib_jax.train import checkpointing, losses
@@ -266,7 +266,7 @@ def train_stage(cfg, workdir: str, data_iterator: Iterator, total_steps: int, *,
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_tuple(cfg.logical_axis_rules)
   model = build_model(cfg)
-  keys = set(batch_spec(cfg.model, cfg.data.max_length))
+  keys = set(batch_spec(cfg.model, cfg.data.max_length, original_mask_hw(cfg)))
   history = []
   with PreemptionFlag() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, tx, schedule = init_state(cfg, model, mesh, total_steps)
