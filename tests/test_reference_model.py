@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from medplib_jax import cli
+from medplib_jax.data import canvas
 from medplib_jax.data.preprocess import PreprocessOptions, build_sample
 from medplib_jax.infer.api import MedPLIB
 from medplib_jax.infer.masks import REFERENCE_THRESHOLD, mask_probabilities, postprocess_logits
-from medplib_jax.data import canvas
 from medplib_jax.models.medplib import MedPLIB as MedPLIBModule
 from medplib_jax.models.moe import expert_capacity, route
 from medplib_jax.train.losses import total_loss
