@@ -90,12 +90,11 @@ def _ellipse(hw, cy, cx, ry, rx):
   return ((yy - hw[0] * cy) / (hw[0] * ry)) ** 2 + ((xx - hw[1] * cx) / (hw[1] * rx)) ** 2 < 1
 
 
-@pytest.fixture(scope="module")
-def non_square():
-  """Two samples, 200x300 (two masks) and 300x200 (one mask, one empty slot): smooth random
-  low-res logits, elliptic ground truths at the original size, in the original and canvas layouts."""
-  rng = np.random.default_rng(3)
-  hws = [(200, 300), (300, 200)]
+def _two_images(hws, seed=3):
+  """Two samples of sizes hws, the first with two masks, the second with one and an empty slot:
+  smooth random low-res logits, elliptic ground truths at the original size, in the original
+  and canvas layouts."""
+  rng = np.random.default_rng(seed)
   gts = [[_ellipse(hws[0], .45, .55, .2, .25), _ellipse(hws[0], .3, .3, .15, .1)],
          [_ellipse(hws[1], .5, .4, .3, .2)]]
   coarse = torch.tensor(rng.normal(size=(4, 1, 8, 8)).astype(np.float32))
@@ -112,6 +111,20 @@ def non_square():
               valid=np.array([[True, True], [True, False]]), masks_orig=masks_orig, masks=masks,
               resized_hw=np.array([g.resized_hw for g in geos], np.int32),
               orig_hw=np.array(hws, np.int32))
+
+
+# 200x300 / 300x200: the logits are upsampled to the original size; 40x60 / 50x30: downsampled.
+IMAGE_PAIRS = {"non_square": ((200, 300), (300, 200)), "small": ((40, 60), (50, 30))}
+
+
+@pytest.fixture(scope="module")
+def non_square():
+  return _two_images(IMAGE_PAIRS["non_square"])
+
+
+@pytest.fixture(scope="module", params=sorted(IMAGE_PAIRS))
+def images(request):
+  return _two_images(IMAGE_PAIRS[request.param])
 
 
 def _torch_postprocess(low, geo, postprocess):
@@ -160,10 +173,10 @@ def _original(data, low, postprocess):
 
 
 @pytest.mark.parametrize("postprocess", ["reference", "correct"])
-def test_original_mode_equals_medplib_losses_in_torch(non_square, postprocess):
+def test_original_mode_equals_medplib_losses_in_torch(images, postprocess):
   """Values and gradients (w.r.t. the low-res logits) of every mask loss, one jitted function
   for both image sizes."""
-  data = non_square
+  data = images
   weights = dict(bce=2.0, dice=0.5, focal=1.0, iou=0.3)
   low_t = torch.tensor(data["low"], requires_grad=True)
   expected = _torch_reference_losses(data, low_t, postprocess)
@@ -184,9 +197,9 @@ def test_original_mode_equals_medplib_losses_in_torch(non_square, postprocess):
 
 
 @pytest.mark.parametrize("postprocess", ["reference", "correct"])
-def test_original_size_logits_match_the_host_postprocessing(non_square, postprocess):
+def test_original_size_logits_match_the_host_postprocessing(images, postprocess):
   """The traced crop-and-resize equals infer/masks.py postprocess_logits (the evaluation's)."""
-  data = non_square
+  data = images
   low = data["low"].reshape(4, LOW_RES, LOW_RES)
   got = np.asarray(losses.original_size_logits(
       jnp.asarray(low), jnp.asarray(np.repeat(data["resized_hw"], 2, 0)),
