@@ -12,7 +12,7 @@ from configs import common
 from medplib_jax.checkpoint.llama import export_llama, load_llama, resize_vocab
 from medplib_jax.checkpoint.torch_io import CheckpointError
 from medplib_jax.models import kernels
-from medplib_jax.models.llama import LlamaForCausalLM, init_cache
+from medplib_jax.models.llama import LlamaForCausalLM, init_cache, positions_from_mask
 
 torch.set_num_threads(1)
 
@@ -77,10 +77,18 @@ def test_logits_match_transformers_on_padded_batch(hf_model, hf_dir, side):
   out = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask))
 
   mask_t = torch.tensor(mask, dtype=torch.long)
+  # The reference's positions: training's HF forward counts every slot (right padding), HF
+  # generate gives left padding 1.
+  positions = None if side == "right" else (mask_t.cumsum(-1) - 1).masked_fill(mask_t == 0, 1)
   with torch.no_grad():
-    ref = hf_model(input_ids=torch.tensor(ids), attention_mask=mask_t,
-                   position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
-  np.testing.assert_allclose(np.asarray(out["logits"])[mask], ref.logits.numpy()[mask], atol=1e-4, rtol=1e-4)
+    ref = hf_model(input_ids=torch.tensor(ids), attention_mask=mask_t, position_ids=positions)
+  # Right padding: the padding rows too (they attend to the real tokens; the MoE router sees
+  # them). Left padding rows attend to nothing and are compared by position below.
+  rows = np.ones_like(mask) if side == "right" else mask
+  np.testing.assert_allclose(np.asarray(out["logits"])[rows], ref.logits.numpy()[rows], atol=1e-4, rtol=1e-4)
+  if side == "left":
+    got = np.asarray(positions_from_mask(jnp.asarray(mask)))
+    np.testing.assert_array_equal(got, positions.numpy())
   # Padded rows must also agree with each sequence run alone (no padding, plain positions).
   for row in range(3):
     alone = torch.tensor(ids[row][mask[row]])[None]

@@ -1,8 +1,9 @@
 """LLaMA decoder (HF `LlamaForCausalLM` numerics) with an explicit KV cache, MoE FFNs and LoRA.
 
 Pre-norm blocks: x + attn(rmsnorm(x)), then x + ffn(rmsnorm(x)); rotary embeddings on the split
-halves (HF `rotate_half`), positions counted from the attention mask so left- and right-padded
-batches see the same positions as unpadded ones; grouped-query attention when num_kv_heads <
+halves (HF `rotate_half`), real tokens' positions counted from the attention mask so left- and
+right-padded batches see the same positions as unpadded ones, padding positioned as the reference
+(`positions_from_mask`); grouped-query attention when num_kv_heads <
 num_heads; SwiGLU FFN (or `MoeFeedForward` when num_experts > 1); final RMSNorm; untied LM head.
 
 KV cache (a plain pytree, see `init_cache`): the model is called on a chunk of L new tokens
@@ -88,11 +89,21 @@ def inference_layout(llm_config, moe_config, params: dict):
 
 
 def positions_from_mask(attention_mask, offset=None):
-  """Rotary positions [B, L]: the count of real tokens before each slot (plus `offset` [B])."""
-  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  """Rotary positions [B, L] (plus `offset` [B]) as the reference's HF LLaMA gives them.
+
+  A real token's position is the count of real tokens before it. Right padding keeps counting
+  (HF's `arange` positions in training); left padding gets 1 (HF `generate`'s masked_fill).
+  Padding rows are masked out as keys, but their states reach the MoE router, whose capacity
+  counts them (SPEC.md), so their positions are the reference's too.
+  """
+  mask = attention_mask.astype(bool)
+  count = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+  slots = jnp.arange(mask.shape[-1])[None, :]
+  first = jnp.argmax(mask, axis=-1)[:, None]  # first real token (0 for an all-padding row)
+  pos = jnp.where(mask, count, jnp.where(slots < first, 1, slots - first))
   if offset is not None:
     pos = pos + offset[:, None]
-  return jnp.maximum(pos, 0)
+  return pos
 
 
 def rotary(x, positions, theta: float):
