@@ -55,6 +55,11 @@ def test_forced_mask_is_at_original_size(model, image_path):
   assert out.forced != out.seg_found  # forced exactly when no <SEG> was generated
   assert len(out.masks) == 1 and out.masks[0].shape == (60, 90) and out.masks[0].dtype == bool
   assert len(out.mask_scores) == 1 and np.isfinite(out.mask_scores[0])
+  # The probabilities the mask thresholds (correct mode: > 0.5), at the original size.
+  probs = out.mask_probs[0]
+  assert probs.shape == (60, 90) and probs.dtype == np.float32
+  assert ((probs >= 0) & (probs <= 1)).all()
+  np.testing.assert_array_equal(out.masks[0], probs > 0.5)
 
 
 def test_no_mask_without_seg_in_correct_mode(model, image_path):

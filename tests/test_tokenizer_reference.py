@@ -84,3 +84,15 @@ def test_conversations_equal_the_reference(tokenizer, reference):
     assert out.labels == r["labels"], r["prompt"]
     prompt = T.generation_prompt(r["conversations"], r["template"])
     assert T.tokenizer_image_token(prompt, tok) == r["generation_ids"], prompt
+
+
+@pytest.mark.parametrize("name", ["llama", "medplib"])  # the decodes were recorded with these
+@pytest.mark.parametrize("skip", [False, True], ids=["keep_special", "skip_special"])
+def test_decoded_text_equals_the_reference(reference, name, skip):
+  """The reference's slow decode (what its answer files hold: skip_special_tokens=True): MedPLIB's
+  tokens joined with spaces and kept when special tokens are skipped; only <s> </s> <unk> go."""
+  tok = load_tokenizer(os.path.join(FIXTURE, name))
+  want = reference["decode"]["skip_special" if skip else "keep_special"]
+  got = [tok.decode(ids, skip_special_tokens=skip) for ids in reference["ids"][DIRS[name]]]
+  bad = [(s, g, w) for s, g, w in zip(reference["strings"], got, want) if g != w]
+  assert not bad, f"{len(bad)} of {len(want)} differ, e.g. {bad[:3]}"

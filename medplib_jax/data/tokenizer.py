@@ -77,8 +77,42 @@ class MedplibTokenizer:
     return ids
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
-    ids = [int(i) for i in ids if int(i) >= 0]
-    return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+    """Text of `ids` exactly as the reference's slow LlamaTokenizer (4.31) decodes them: runs of
+    base-vocabulary ids are decoded by the base model, MedPLIB's tokens are joined to them with
+    a space on both sides (`is <SEG> .`), `<s> </s> <unk>` are written inline, and
+    `skip_special_tokens` drops only those three (MedPLIB's tokens stay, as the reference's
+    answer files show them). Negative placeholder ids are left out."""
+    special = self.added.keep_space_ids
+    texts, run = [], []
+    for i in (int(i) for i in ids):
+      if i < 0 or (skip_special_tokens and i in special):
+        continue
+      if i in self.added.token_of and i not in special:
+        if run:
+          texts.append(self._run_text(run))
+          run = []
+        texts.append(self.added.token_of[i])
+      else:
+        run.append(i)
+    if run:
+      texts.append(self._run_text(run))
+    text = " ".join(texts)
+    return self.hf.clean_up_tokenization(text) if self.hf.clean_up_tokenization_spaces else text
+
+  def _run_text(self, ids: list[int]) -> str:
+    # LlamaTokenizer.convert_tokens_to_string: `<s> </s> <unk>` inline, a space before one that
+    # follows text, everything else through the base model's decoder.
+    out, pieces, after_special = "", [], False
+    for n, i in enumerate(ids):
+      if i in self.added.keep_space_ids:
+        if not after_special and n:
+          out += " "
+        out += self.chunks.decode(pieces) + self.added.token_of[i]
+        pieces, after_special = [], True
+      else:
+        pieces.append(i)
+        after_special = False
+    return out + self.chunks.decode(pieces)
 
   def token_id(self, token: str) -> int:
     tid = self.hf.convert_tokens_to_ids(token)
@@ -94,6 +128,8 @@ class AddedTokens:
     """ids: added token -> id; keep_space: those that leave the whitespace beside them."""
     self.ids = dict(ids)
     self.keep_space = frozenset(keep_space)
+    self.token_of = {i: t for t, i in self.ids.items()}
+    self.keep_space_ids = frozenset(self.ids[t] for t in self.keep_space if t in self.ids)
     # Longest first: at one position the longest token wins, as with 4.31's trie.
     self.pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
                               + ")")
@@ -125,6 +161,12 @@ class ChunkEncoder:
     if self.sentencepiece is not None:
       return self.sentencepiece.encode(chunk)
     return self.model.encode(chunk, add_special_tokens=False).ids
+
+  def decode(self, ids: list[int]) -> str:
+    """Text of base-vocabulary ids (the model's word-marker and byte-fallback decoding)."""
+    if self.sentencepiece is not None:
+      return self.sentencepiece.decode(ids)
+    return self.model.decode(ids, skip_special_tokens=False)
 
 
 def _structural_ids(hf) -> dict[str, int]:

@@ -36,7 +36,7 @@ from medplib_jax.data.preprocess import ConversationSample, conversation_sample
 from medplib_jax.data.template import GPT, HUMAN
 from medplib_jax.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 from medplib_jax.infer.generate import generate
-from medplib_jax.infer.masks import REFERENCE_THRESHOLD, masks_from_logits, postprocess_logits
+from medplib_jax.infer.masks import REFERENCE_THRESHOLD, mask_probabilities, postprocess_logits
 from medplib_jax.models.clip import num_image_tokens
 from medplib_jax.models.llama import LlamaForCausalLM, inference_layout
 from medplib_jax.models.medplib import MedPLIB as MedPLIBModule
@@ -56,8 +56,13 @@ class InputError(ValueError):
 
 @dataclasses.dataclass
 class Prediction:
-  """One answer. masks: bool [H, W] per decoded `<SEG>` (original image size); mask_scores: the
-  model's IoU prediction per mask; forced: the mask came from the reference's forced position."""
+  """One answer. text: the answer as the reference writes it (its slow decode with special
+  tokens skipped: `<s> </s>` go, MedPLIB's tokens such as `<SEG>` stay, spaced); raw_text: the
+  same with special tokens kept; tokens: the generated ids (eos dropped); seg_positions: the
+  indices in `tokens` of the `<SEG>` tokens; masks: bool [H, W] per decoded `<SEG>` (original
+  image size); mask_scores: the model's IoU prediction per mask; forced: the mask came from the
+  reference's forced position; mask_probs: float32 [H, W] per mask, the probabilities the masks
+  threshold."""
   text: str
   masks: list
   mask_scores: list
@@ -65,6 +70,8 @@ class Prediction:
   forced: bool
   raw_text: str
   tokens: list
+  mask_probs: list = dataclasses.field(default_factory=list)
+  seg_positions: list = dataclasses.field(default_factory=list)
 
 
 def _find_model_dir(path: str) -> str:
@@ -282,17 +289,19 @@ class MedPLIB:
       toks = [int(t) for t in tokens[i, :n]]
       if toks and toks[-1] == self.tokenizer.eos_id:
         toks = toks[:-1]
-      masks, scores = [], []
+      masks, scores, probs = [], [], []
       if i in decode_rows:
         k = decode_rows[i]
         geo = canvas.geometry(s.orig_hw, self.model_cfg.sam.image_size)
-        full = postprocess_logits(logits[i, :k], geo, mode)
-        masks = list(np.asarray(masks_from_logits(full, threshold)))
+        probs = list(mask_probabilities(postprocess_logits(logits[i, :k], geo, mode)))
+        masks = [p > np.float32(threshold) for p in probs]
         scores = [float(v) for v in iou[i, :k]]
       results.append(Prediction(
           text=self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
           masks=masks, mask_scores=scores, seg_found=self.tokenizer.seg_id in toks,
-          forced=bool(forced.get(i)), raw_text=self.tokenizer.decode(toks), tokens=toks))
+          forced=bool(forced.get(i)), raw_text=self.tokenizer.decode(toks), tokens=toks,
+          mask_probs=probs,
+          seg_positions=[t for t, v in enumerate(toks) if v == self.tokenizer.seg_id]))
     return results
 
   # --- public calls --------------------------------------------------------------------------------

@@ -71,11 +71,16 @@ def postprocess_logits(low_res, geometry: CanvasGeometry, mode: str = "correct")
   return resize_bilinear(cropped, geometry.orig_hw)
 
 
-def masks_from_logits(logits, threshold_prob: float = 0.5):
-  """Binary masks: sigmoid(logits) > threshold_prob (the reference evaluation uses 0.1)."""
+def mask_probabilities(logits) -> np.ndarray:
+  """float32 sigmoid(logits), same shape."""
   logits = np.asarray(logits, np.float32)
   with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: sigmoid 0
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-logits)) > np.float32(threshold_prob)
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
+
+
+def masks_from_logits(logits, threshold_prob: float = 0.5):
+  """Binary masks: sigmoid(logits) > threshold_prob (the reference evaluation uses 0.1)."""
+  return mask_probabilities(logits) > np.float32(threshold_prob)
 
 
 def mask_rle(mask) -> dict:
