@@ -211,6 +211,21 @@ def test_vqa_accumulator_modality_macro_and_empty():
     vm.evaluate_vqa([{"text": "yes"}])
 
 
+def test_empty_answer_type_skipped_in_reference_mode_inferred_in_correct_mode():
+  """The reference's script scores neither branch for an empty type (skipped, counted); correct
+  mode scores a yes/no answer as closed and any other as open."""
+  rows = [("Yes.", "yes", ""), ("left kidney", "the left kidney", ""), ("no", "no", "closed")]
+  ref = vm.VqaAccumulator("reference")
+  cor = vm.VqaAccumulator("correct")
+  for pred, ans, kind in rows:
+    ref.add(pred, ans, kind)
+    cor.add(pred, ans, kind)
+  r, c = ref.result(), cor.result()
+  assert (r["num_closed"], r["num_open"], r["num_skipped"], r["num_inferred_type"]) == (1, 0, 2, 0)
+  assert (c["num_closed"], c["num_open"], c["num_skipped"], c["num_inferred_type"]) == (2, 1, 0, 2)
+  assert c["closed_accuracy"] == 100.0 and c["exact_match"] == 100.0
+
+
 # ----------------------------------------------------------------------------- grounding
 
 

@@ -164,7 +164,7 @@ def metrics_from_rows(rows: list[dict], task: str, mode: str) -> dict:
   acc = vm.VqaAccumulator(mode)
   hits = []
   for r in scored:
-    acc.add(r["prediction"], r["answer"], r["answer_type"] or "open", r["modality"])
+    acc.add(r["prediction"], r["answer"], r["answer_type"], r["modality"])
     hits.append(vm.closed_match(r["prediction"], r["answer"], mode))
   out.update(acc.result())
   out["mode"] = mode

@@ -267,8 +267,10 @@ class VqaAccumulator:
   """Collects VQA answers and reports the reference script's table (rates x100).
 
   add(prediction, answer, answer_type, modality=None): `answer_type` is one of OPEN_TYPES or
-  CLOSED_TYPES (case-insensitive); other types are counted in `num_skipped`, as the reference
-  ignores them. `modality` (e.g. OmniMedVQA's modality_type) enables the per-modality closed
+  CLOSED_TYPES (case-insensitive). Any other type, the empty one included, is skipped in
+  reference mode, as the reference script does (counted in `num_skipped`); correct mode scores
+  an empty type as closed when the answer is yes / no and as open otherwise (counted in
+  `num_inferred_type`), and skips only unknown non-empty types. `modality` (e.g. OmniMedVQA's modality_type) enables the per-modality closed
   accuracy and its macro mean.
 
   Open accuracy needs the candidate answers: by default, as in the reference, every answer
@@ -284,10 +286,14 @@ class VqaAccumulator:
     self._closed_by_modality: dict[str, list[float]] = collections.defaultdict(list)
     self._answers: dict[str, None] = {}
     self.num_skipped = 0
+    self.num_inferred_type = 0
 
   def add(self, prediction: str, answer: str, answer_type: str, modality: str | None = None):
     self._answers.setdefault(str(answer), None)
-    kind = str(answer_type).lower()
+    kind = str(answer_type or "").strip().lower()
+    if not kind and self.mode == "correct":
+      kind = "closed" if normalize_answer(answer, self.mode) in ("yes", "no") else "open"
+      self.num_inferred_type += 1
     if kind in OPEN_TYPES:
       self._open.append((str(prediction), str(answer)))
     elif kind in CLOSED_TYPES:
@@ -318,7 +324,8 @@ class VqaAccumulator:
       by_mod = {m: 100.0 * sum(v) / len(v) for m, v in sorted(self._closed_by_modality.items())}
       out["closed_accuracy_by_modality"] = by_mod
       out["closed_accuracy_macro"] = sum(by_mod.values()) / len(by_mod)
-    out.update(num_open=len(self._open), num_closed=len(self._closed), num_skipped=self.num_skipped)
+    out.update(num_open=len(self._open), num_closed=len(self._closed), num_skipped=self.num_skipped,
+               num_inferred_type=self.num_inferred_type)
     return out
 
 
