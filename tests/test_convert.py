@@ -23,6 +23,7 @@ import jax
 from configs.common import sam_config
 from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax import cli as medplib_cli
+from medplib_jax.checkpoint import cli as convert_cli, model_dir
 from medplib_jax.checkpoint.medplib import (export_medplib, import_medplib, reference_config,
                                             write_torch_checkpoint)
 from medplib_jax.checkpoint.sam import hf_to_segment_anything
@@ -294,6 +295,12 @@ def test_cli_import_export_import_is_bitwise(setup, capsys):
   printed = capsys.readouterr().out
   assert "llm" in printed and "sam" in printed and "total" in printed
   assert sorted(os.listdir(ours)) == ["config.json", "convert_report.json", "params", "tokenizer"]
+  # --dtype auto takes the checkpoint's torch_dtype: a float32 checkpoint is not run in bfloat16.
+  assert model_dir.load_config(ours).model.dtype == "float32"
+  assert convert_cli.import_dtype("auto", {"torch_dtype": "bfloat16"}) == "bfloat16"
+  assert convert_cli.import_dtype("auto", {"torch_dtype": "float16"}) == "bfloat16"
+  assert convert_cli.import_dtype("auto", {}) == "float32"
+  assert convert_cli.import_dtype("float32", {"torch_dtype": "bfloat16"}) == "float32"
   first, cfg, _ = import_medplib(setup["moe_dir"], size="tiny")
 
   from medplib_jax.infer.api import MedPLIB as Api

@@ -1,7 +1,8 @@
 """`medplib convert`: a released MedPLIB checkpoint -> our model directory, and back.
 
-  medplib convert --medplib DIR [--clip DIR] [--sam FILE] --out DIR [--summary]
-      writes <out>/params (orbax), <out>/config.json, <out>/tokenizer/, <out>/convert_report.json
+  medplib convert --medplib DIR [--clip DIR] [--sam FILE] --out DIR [--dtype float32] [--summary]
+      writes <out>/params (orbax), <out>/config.json, <out>/tokenizer/, <out>/convert_report.json;
+      --dtype is the model's compute dtype (default: the checkpoint's torch_dtype)
   medplib convert --export-torch --checkpoint OUR_DIR --out DIR [--clip DIR] [--dtype bfloat16]
       writes safetensors (sharded with model.safetensors.index.json when large) + config.json
       + tokenizer files in the reference key layout
@@ -16,8 +17,8 @@ import sys
 import jax
 
 from medplib_jax.checkpoint import model_dir
-from medplib_jax.checkpoint.medplib import (export_medplib, import_medplib, reference_config,
-                                            write_torch_checkpoint)
+from medplib_jax.checkpoint.medplib import (export_medplib, import_medplib, read_hf_config,
+                                            reference_config, write_torch_checkpoint)
 from medplib_jax.checkpoint.torch_io import CheckpointError
 from medplib_jax.data.tokenizer import TokenizerError, load_tokenizer
 
@@ -40,8 +41,10 @@ def add_arguments(p):
   p.add_argument("--export-torch", action="store_true",
                  help="export our model directory (--checkpoint) to the reference layout")
   p.add_argument("--checkpoint", help="our model directory (params/, config.json, tokenizer/)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="tensor dtype of the exported safetensors")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="import: the model's compute dtype (model.dtype; auto = the checkpoint's "
+                      "torch_dtype, bfloat16 for half precision); export: the safetensors' "
+                      "tensor dtype (auto = float32)")
   p.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
 
 
@@ -50,7 +53,8 @@ def component_counts(params) -> dict[str, int]:
           for name, sub in params.items()}
 
 
-def print_summary(params, out=sys.stdout) -> None:
+def print_summary(params, out=None) -> None:
+  out = out or sys.stdout  # looked up per call (a default would keep the stdout of import time)
   counts = component_counts(params)
   for name, n in counts.items():
     print(f"{name:18s} {n:>15,d}", file=out)
@@ -77,9 +81,18 @@ def _check_tokenizer(tok_dir: str, vocab_size: int) -> str | None:
   return None
 
 
+def import_dtype(requested: str, hf_config: dict) -> str:
+  """The compute dtype of an imported model: as asked, or (auto) the checkpoint's own, so a
+  float32 checkpoint is not run in bfloat16."""
+  if requested != "auto":
+    return requested
+  return "float32" if hf_config.get("torch_dtype", "float32") == "float32" else "bfloat16"
+
+
 def run_import(args) -> int:
+  dtype = import_dtype(args.dtype, read_hf_config(args.medplib))
   params, cfg, report = import_medplib(args.medplib, clip=args.clip, sam=args.sam, size=args.size,
-                                       overrides=args.set)
+                                       overrides=[f"model.dtype={dtype}"] + list(args.set))
   if args.summary:
     print_summary(params)
   print(f"converted {args.medplib}: {len(report['unmapped'])} unmapped, "
@@ -113,7 +126,8 @@ def run_export(args) -> int:
   if args.summary:
     print_summary(params)
   state = export_medplib(params, cfg, clip=args.clip, sam=args.sam)
-  files = write_torch_checkpoint(state, args.out, int(args.shard_gb * 2**30), dtype=args.dtype)
+  dtype = "float32" if args.dtype == "auto" else args.dtype
+  files = write_torch_checkpoint(state, args.out, int(args.shard_gb * 2**30), dtype=dtype)
   tokenizer = None
   tok_dir = os.path.join(args.checkpoint, "tokenizer")
   if copy_tokenizer(tok_dir, args.out):
@@ -122,7 +136,7 @@ def run_export(args) -> int:
     except TokenizerError as e:
       print(f"  note: {e}")
   hf = reference_config(cfg, tokenizer)
-  hf["torch_dtype"] = args.dtype
+  hf["torch_dtype"] = dtype
   with open(os.path.join(args.out, "config.json"), "w") as f:
     json.dump(hf, f, indent=1)
   print(f"wrote {len(state)} tensors to {os.path.abspath(args.out)}: {', '.join(files)}")
