@@ -62,6 +62,24 @@ def test_batches_follow_the_contract_and_are_deterministic(data):
     assert np.all(b1["masks"][rows, 0].any(axis=(1, 2)))
 
 
+def test_original_mask_resolution_batches_carry_the_masks_at_their_size(data):
+  """loss.mask_resolution="original": each batch also holds masks_orig, every mask top-left at
+  its original size (orig_hw) in the data.max_mask_hw buffer, nothing outside it."""
+  root, paths, tok = data
+  c = _config(data, [paths["train"]])
+  c.loss.mask_resolution = "original"
+  c.data.max_mask_hw = 640
+  batch = next(pipeline.make_train_iterator(c, tok))
+  spec = batch_spec(c.model, c.data.max_length, 640)
+  assert set(batch) == set(spec) and batch["masks_orig"].shape == (4,) + spec["masks_orig"][0]
+  rows = np.nonzero(batch["seg_positions"][:, 0] >= 0)[0]
+  assert len(rows)
+  for row in rows:
+    h, w = batch["orig_hw"][row]
+    full = batch["masks_orig"][row, 0]
+    assert full[:h, :w].any() and not full[h:].any() and not full[:, w:].any()
+
+
 def test_resume_gives_identical_next_batch(data):
   _, paths, tok = data
   c = _config(data, [paths["train"]])

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from medplib_jax.data.batch import collate
+from medplib_jax.data.batch import collate, original_mask_hw
 from medplib_jax.data.mecovqa import REASONS, BadRecord, BadRecordBudget, BudgetExceeded
 from medplib_jax.data.preprocess import PreprocessOptions, build_sample
 from medplib_jax.data.sources import DatasetEntry, open_source, raw_example
@@ -138,7 +138,8 @@ def host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def _component(entry, config, tokenizer, process_index, process_count, seed, train, epochs):
   data = config.data
-  options = PreprocessOptions(template=entry.template or data.template, overflow=data.overflow)
+  options = PreprocessOptions(template=entry.template or data.template, overflow=data.overflow,
+                              mask_hw=original_mask_hw(config))
   prep = Preprocessor(tokenizer, config.model, data.max_length, entry.image_root or data.image_root,
                       train, options)
   source = open_source(entry)
@@ -232,12 +233,13 @@ def _read_options(config, batch: int) -> grain.ReadOptions:
 class _Collate:
   """grain batch_fn: the samples through `batch.collate` (right padding), the counters stacked."""
 
-  def __init__(self, model_cfg, max_length, pad_id):
+  def __init__(self, model_cfg, max_length, pad_id, mask_hw=0):
     self.model_cfg, self.max_length, self.pad_id = model_cfg, max_length, pad_id
+    self.mask_hw = mask_hw  # the masks_orig buffer side (0: none)
 
   def __call__(self, elements):
     batch = collate([{k: v for k, v in e.items() if k not in _COUNTERS} for e in elements],
-                    self.model_cfg, self.max_length, self.pad_id)
+                    self.model_cfg, self.max_length, self.pad_id, mask_hw=self.mask_hw)
     batch.update({k: np.stack([e[k] for e in elements]) for k in _COUNTERS})
     return batch
 
@@ -261,7 +263,8 @@ def make_train_iterator(config, tokenizer, process_index: int = 0, process_count
   budget = int(config.data.bad_record_budget)
   ds = _SkipBad(ds.to_iter_dataset(_read_options(config, batch)), budget)
   ds = ds.batch(batch, drop_remainder=True,
-                batch_fn=_Collate(config.model, config.data.max_length, tokenizer.pad_id))
+                batch_fn=_Collate(config.model, config.data.max_length, tokenizer.pad_id,
+                                  original_mask_hw(config)))
   workers = int(config.data.num_workers)
   if workers > 0:
     _absl_flags_ready()

@@ -270,8 +270,8 @@ class VqaAccumulator:
   CLOSED_TYPES (case-insensitive). Any other type, the empty one included, is skipped in
   reference mode, as the reference script does (counted in `num_skipped`); correct mode scores
   an empty type as closed when the answer is yes / no and as open otherwise (counted in
-  `num_inferred_type`), and skips only unknown non-empty types. `modality` (e.g. OmniMedVQA's modality_type) enables the per-modality closed
-  accuracy and its macro mean.
+  `num_inferred_type`), and skips only unknown non-empty types. `modality` (e.g. OmniMedVQA's
+  modality_type) enables the per-modality closed accuracy and its macro mean.
 
   Open accuracy needs the candidate answers: by default, as in the reference, every answer
   added (open and closed alike, in order of first appearance); pass `candidates` to override.

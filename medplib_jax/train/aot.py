@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medplib_jax import sharding
-from medplib_jax.data.batch import batch_spec
+from medplib_jax.data.batch import batch_spec, original_mask_hw
 from medplib_jax.models.medplib import abstract_variables
 from medplib_jax.train import trainer
 
@@ -58,7 +58,7 @@ def lower_train_step(cfg, mesh, global_batch: int, total_steps: int = 1000):
                                   opt_state=opt_sh, rng=replicated)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                          state_sh)
-    spec = batch_spec(cfg.model, cfg.data.max_length)
+    spec = batch_spec(cfg.model, cfg.data.max_length, original_mask_hw(cfg))
     batch_sh = {k: sharding.batch_sharding(mesh, 1 + len(s), rules) for k, (s, _) in spec.items()}
     batch = {k: jax.ShapeDtypeStruct((global_batch,) + s, d, sharding=batch_sh[k])
              for k, (s, d) in spec.items()}
