@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "demo": ("medplib_jax.demo.run", "make synthetic data, train stages 1-4 (tiny), evaluate, report"),
     "data": ("medplib_jax.data.cli", "synthesise, check and build MeCoVQA-format datasets"),
     "train": ("medplib_jax.train.cli", "run one training stage from a config"),
-    "eval": ("medplib_jax.eval.cli", "evaluate a checkpoint on VQA / region VQA / grounding"),
+    "eval": ("medplib_jax.eval.cli", "evaluate a checkpoint (or score a predictions file) on VQA / region VQA / grounding"),
     "predict": ("medplib_jax.infer.cli", "answer one question about one image (masks for <SEG>)"),
     "convert": ("medplib_jax.checkpoint.cli", "import a released MedPLIB / CLIP / SAM checkpoint"),
     "serve": ("medplib_jax.serve.cli", "web page and JSON API on a checkpoint"),
