@@ -10,7 +10,7 @@ import sys
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS = {
-    "demo": ("medplib_jax.demo.run", "make synthetic data, train stages 1-4 (tiny), evaluate, report"),
+    "demo": ("medplib_jax.demo.run", "make synthetic data, train stages 1-4 (size demo), evaluate, report"),
     "data": ("medplib_jax.data.cli", "synthesise, check and build MeCoVQA-format datasets"),
     "train": ("medplib_jax.train.cli", "run one training stage from a config"),
     "eval": ("medplib_jax.eval.cli", "evaluate a checkpoint (or score a predictions file) on VQA / region VQA / grounding"),
