@@ -1,14 +1,12 @@
 """loss.mask_resolution="original" on the host and in a train step: the masks_orig buffer
 (data/preprocess.py, data/batch.py), an image too large for it as a bad record, the jitted step."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs.common import model_config
-from medplib_jax import sharding
 from medplib_jax.config_loading import load_config
 from medplib_jax.data import canvas, pipeline, preprocess
 from medplib_jax.data.batch import batch_spec, collate, original_mask_hw
@@ -16,7 +14,7 @@ from medplib_jax.data.mecovqa import BadRecord, DecodedExample, RawExample
 from medplib_jax.data.template import template_texts
 from medplib_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from medplib_jax.models.medplib import dummy_batch
-from medplib_jax.train import trainer
+from test_train_step import jitted_step
 
 LENGTH = 128
 
@@ -116,13 +114,8 @@ def test_stage3_step_learns_with_original_size_losses():
   b["masks"][:, 0] = canvas.mask_canvas(gt, s)
   b["masks_orig"] = np.zeros((8,) + batch_spec(cfg.model, length, hm)["masks_orig"][0], bool)
   b["masks_orig"][:, 0, :hw[0], :hw[1]] = gt
-  mesh = sharding.make_mesh(cfg.mesh)
-  model = trainer.build_model(cfg)
-  rules = sharding.rules_tuple(cfg.logical_axis_rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, tx, schedule = trainer.init_state(cfg, model, mesh, total_steps=100)
-    step_fn = jax.jit(trainer.make_train_step(cfg, model, tx, schedule))
-    batch = sharding.host_to_global(b, mesh, rules)
+  with jitted_step(cfg) as (state, step_fn, to_mesh):
+    batch = to_mesh(b)
     history = []
     for _ in range(3):
       state, metrics = step_fn(state, batch)

@@ -1,5 +1,7 @@
 """One train step of every stage on the tiny config over 8 fake devices."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -12,6 +14,19 @@ from medplib_jax.train import trainer
 
 STAGES = {1: "configs/stage1_align.py", 2: "configs/stage2_vqa.py", 3: "configs/stage3_ground.py",
           4: "configs/stage4_moe.py"}
+
+
+@contextlib.contextmanager
+def jitted_step(cfg, total_steps=100):
+  """Inside cfg's mesh and logical-axis rules: (initial TrainState, jitted train step, a function
+  putting a host batch on the mesh)."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  model = trainer.build_model(cfg)
+  rules = sharding.rules_tuple(cfg.logical_axis_rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, tx, schedule = trainer.init_state(cfg, model, mesh, total_steps=total_steps)
+    yield (state, jax.jit(trainer.make_train_step(cfg, model, tx, schedule)),
+           lambda batch: sharding.host_to_global(batch, mesh, rules))
 
 
 def fixed_batch(cfg, batch_size=8, seed=0):
@@ -45,14 +60,9 @@ def test_stage_step_learns_and_respects_the_frozen_set(stage):
       f"--config.mesh.expert={2 if stage == 4 else 1}",
       f"--config.mesh.tensor={1 if stage == 4 else 2}", "--config.optim.warmup_ratio=0.0",
       "--config.optim.lr=3e-3"])
-  mesh = sharding.make_mesh(cfg.mesh)
-  model = trainer.build_model(cfg)
-  rules = sharding.rules_tuple(cfg.logical_axis_rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, tx, schedule = trainer.init_state(cfg, model, mesh, total_steps=100)
+  with jitted_step(cfg) as (state, step_fn, to_mesh):
     before = jax.device_get(state.params())
-    step_fn = jax.jit(trainer.make_train_step(cfg, model, tx, schedule))
-    batch = sharding.host_to_global(fixed_batch(cfg), mesh, rules)
+    batch = to_mesh(fixed_batch(cfg))
     losses = []
     for _ in range(4):
       state, metrics = step_fn(state, batch)
@@ -85,13 +95,8 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
         "--config.data.max_length=80", "--config.mesh.data=2", "--config.mesh.fsdp=2",
         "--config.mesh.tensor=2", "--config.lora.dropout=0.0", "--config.optim.warmup_ratio=0.0",
         f"--config.optim.grad_accum_steps={accum}"])
-    mesh = sharding.make_mesh(cfg.mesh)
-    model = trainer.build_model(cfg)
-    rules = sharding.rules_tuple(cfg.logical_axis_rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state, tx, schedule = trainer.init_state(cfg, model, mesh, total_steps=100)
-      step_fn = jax.jit(trainer.make_train_step(cfg, model, tx, schedule))
-      state, metrics = step_fn(state, sharding.host_to_global(fixed_batch(cfg, seed=3), mesh, rules))
+    with jitted_step(cfg) as (state, step_fn, to_mesh):
+      state, metrics = step_fn(state, to_mesh(fixed_batch(cfg, seed=3)))
       results.append((jax.device_get(metrics), jax.device_get(state.trainable)))
   (whole, whole_params), (accumulated, accumulated_params) = results
   for name in ("loss", "grad_norm"):
